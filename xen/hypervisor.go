@@ -166,7 +166,9 @@ const (
 	StateShutoff  State = "shutoff"
 	StateShutdown State = "shutting_down"
 	StateCrashed  State = "crashed"
-	StateUnknown  State = "unknown"
+	// StatePMSuspended: the guest suspended itself (ACPI S3/S4).
+	StatePMSuspended State = "pmsuspended"
+	StateUnknown     State = "unknown"
 )
 
 // DomainInfo is a domain's identity and state.
@@ -202,6 +204,34 @@ type LifecycleEvent struct {
 	Time   time.Time `json:"time"`
 	Domain string    `json:"domain"`
 	UUID   string    `json:"uuid"`
-	Event  string    `json:"event"`  // defined, undefined, started, suspended, resumed, stopped, shutdown, crashed, pmsuspended
+	Event  string    `json:"event"`  // defined, undefined, started, suspended, resumed, stopped, shutdown, crashed, pmsuspended, reconnected
 	Detail string    `json:"detail"` // libvirt's detail, e.g. "booted", "destroyed"
+}
+
+// LifecycleEvent.Event values.
+const (
+	EventDefined     = "defined"
+	EventUndefined   = "undefined"
+	EventStarted     = "started"
+	EventSuspended   = "suspended"
+	EventResumed     = "resumed"
+	EventStopped     = "stopped"
+	EventShutdown    = "shutdown"
+	EventCrashed     = "crashed"
+	EventPMSuspended = "pmsuspended"
+	// EventReconnected has no Domain: the driver lost the hypervisor and got
+	// it back. Events of the gap are lost, so consumers re-read every domain.
+	EventReconnected = "reconnected"
+)
+
+// MonitorError is QEMU's answer to a failed monitor command (QMP "error").
+// Monitor methods return it wrapped; find it with errors.As.
+type MonitorError struct {
+	Command string `json:"command"`
+	Class   string `json:"class"` // e.g. "GenericError", "DeviceNotFound"
+	Desc    string `json:"desc"`
+}
+
+func (e *MonitorError) Error() string {
+	return "qemu monitor: " + e.Command + ": " + e.Class + ": " + e.Desc
 }
