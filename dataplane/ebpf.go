@@ -1,0 +1,292 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+
+	"hostd/bpf"
+)
+
+// Flags of bpf's struct endpoint.
+const (
+	epCollapse = 1
+	epIPv6     = 2
+)
+
+// ebpfDataplane: one external-mode VXLAN device and the TC programs of
+// hostd/bpf. Connector state lives in the programs' maps; this struct only
+// remembers the tcx links it owns.
+type ebpfDataplane struct {
+	*host
+	vxlan netlink.Link
+	objs  bpf.ConnectorObjects
+	vxIn  link.Link
+	links map[string]link.Link // local endpoint device -> its tcx link
+}
+
+func newEBPF(ctx context.Context, cfg Config) (_ Dataplane, err error) {
+	h, err := openHost(cfg)
+	if err != nil {
+		return nil, err
+	}
+	d := &ebpfDataplane{host: h, links: map[string]link.Link{}}
+	defer func() {
+		if err != nil {
+			d.teardown()
+		}
+	}()
+	if err := d.openVXLAN(); err != nil {
+		return nil, err
+	}
+	spec, err := bpf.LoadConnector()
+	if err != nil {
+		return nil, fmt.Errorf("open dataplane: load eBPF spec: %w", err)
+	}
+	if err := spec.Variables[bpf.ConnectorVarVxlanIfindex].Set(uint32(d.vxlan.Attrs().Index)); err != nil {
+		return nil, fmt.Errorf("open dataplane: set vxlan_ifindex: %w", err)
+	}
+	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
+		return nil, fmt.Errorf("open dataplane: load eBPF programs (needs root or CAP_BPF+CAP_NET_ADMIN; or use backend %q): %w", BackendNetdev, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("open dataplane: %w", err)
+	}
+	err = inNetns(cfg.Netns, func() error {
+		var err error
+		d.vxIn, err = link.AttachTCX(link.TCXOptions{Interface: d.vxlan.Attrs().Index,
+			Program: d.objs.VxlanIngress, Attach: ebpf.AttachTCXIngress})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open dataplane: attach to %s ingress (tcx needs Linux 6.6+): %w", cfg.VXLANDevice, err)
+	}
+	h.log.Info("dataplane open", "vxlan", cfg.VXLANDevice, "mtu", h.mtu)
+	return d, nil
+}
+
+// openVXLAN creates the host's external-mode VXLAN device, or adopts one
+// left by an earlier run.
+func (d *ebpfDataplane) openVXLAN() error {
+	name := d.cfg.VXLANDevice
+	if l, err := d.nl.LinkByName(name); err == nil {
+		vx, ok := l.(*netlink.Vxlan)
+		if !ok || !vx.FlowBased || vx.Port != int(d.cfg.Port) {
+			return fmt.Errorf("open dataplane: %w: %q exists and is not an external-mode VXLAN device on port %d; remove it or set Config.VXLANDevice",
+				ErrInvalid, name, d.cfg.Port)
+		}
+		d.vxlan = vx
+	} else {
+		vx := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: d.mtu},
+			FlowBased: true, Port: int(d.cfg.Port), Learning: false}
+		if err := d.nl.LinkAdd(vx); err != nil {
+			return fmt.Errorf("open dataplane: create VXLAN device %q on port %d: %w", name, d.cfg.Port, err)
+		}
+		l, err := d.nl.LinkByName(name)
+		if err != nil {
+			return fmt.Errorf("open dataplane: VXLAN device %q: %w", name, err)
+		}
+		d.vxlan = l
+	}
+	if err := d.nl.LinkSetMTU(d.vxlan, d.mtu); err != nil {
+		return fmt.Errorf("open dataplane: set MTU %d on %q: %w", d.mtu, name, err)
+	}
+	if err := d.nl.LinkSetUp(d.vxlan); err != nil {
+		return fmt.Errorf("open dataplane: bring %q up: %w", name, err)
+	}
+	return nil
+}
+
+func (d *ebpfDataplane) Backend() Backend { return BackendEBPF }
+
+func (d *ebpfDataplane) Create(ctx context.Context, c Connector) error {
+	return d.apply(ctx, "create", c, false)
+}
+
+func (d *ebpfDataplane) Update(ctx context.Context, c Connector) error {
+	return d.apply(ctx, "update", c, true)
+}
+
+// apply moves the maps from the connector's current state (none for create)
+// to c. Entries are written before programs are attached, so a device's
+// first frame already finds its connector, and a retarget that keeps the
+// local devices is a single map write per endpoint.
+func (d *ebpfDataplane) apply(ctx context.Context, op string, c Connector, exists bool) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("%s connector %d: %w", op, c.ID, err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	p, err := d.check(op, c, exists)
+	if err != nil {
+		return err
+	}
+	idx, err := d.prepareDevices(op, c.ID, p.local)
+	if err != nil {
+		return err
+	}
+	eps := make([]bpf.ConnectorEndpoint, len(p.local))
+	for i := range p.local {
+		ep := &eps[i]
+		ep.Id = c.ID
+		if p.collapsed() {
+			ep.Flags = epCollapse
+			ep.PeerIfindex = uint32(idx[1-i])
+			continue
+		}
+		if d.cfg.Underlay.Is6() {
+			ep.Flags |= epIPv6
+		}
+		ep.Remote, ep.Local = ipBytes(p.remote), ipBytes(d.cfg.Underlay)
+	}
+	for i := range eps {
+		if err := d.objs.Endpoints.Put(uint32(idx[i]), &eps[i]); err != nil {
+			return fmt.Errorf("%s connector %d: write endpoint map for %q: %w", op, c.ID, p.local[i], err)
+		}
+	}
+	if p.collapsed() {
+		err = d.objs.Deliveries.Delete(c.ID)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			err = nil
+		}
+	} else {
+		err = d.objs.Deliveries.Put(c.ID, uint32(idx[0]))
+	}
+	if err != nil {
+		return fmt.Errorf("%s connector %d: write delivery map: %w", op, c.ID, err)
+	}
+	for i, dev := range p.local {
+		if _, ok := d.links[dev]; ok {
+			continue
+		}
+		err := inNetns(d.cfg.Netns, func() error {
+			l, err := link.AttachTCX(link.TCXOptions{Interface: idx[i], Program: d.objs.EndpointIngress, Attach: ebpf.AttachTCXIngress})
+			if err == nil {
+				d.links[dev] = l
+			}
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("%s connector %d: attach to %q ingress: %w", op, c.ID, dev, err)
+		}
+	}
+	if old, ok := d.plans[c.ID]; ok {
+		d.release(old, p)
+	}
+	d.record(c, p)
+	d.log.Info(op+" connector", "id", c.ID, "local", p.local, "remote", p.remote, "collapsed", p.collapsed())
+	return nil
+}
+
+// release detaches the devices of old that keep is not using any more.
+func (d *ebpfDataplane) release(old, keep plan) {
+	for _, dev := range old.local {
+		used := false
+		for _, k := range keep.local {
+			used = used || k == dev
+		}
+		if used {
+			continue
+		}
+		if l, ok := d.links[dev]; ok {
+			if err := l.Close(); err != nil {
+				d.log.Warn("detach endpoint", "device", dev, "err", err)
+			}
+			delete(d.links, dev)
+		}
+		if l, err := d.nl.LinkByName(dev); err == nil {
+			if err := d.objs.Endpoints.Delete(uint32(l.Attrs().Index)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				d.log.Warn("delete endpoint entry", "device", dev, "err", err)
+			}
+		}
+	}
+}
+
+func (d *ebpfDataplane) Delete(ctx context.Context, id uint32) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("delete connector %d: %w", id, err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	p, err := d.lookup("delete", id)
+	if err != nil {
+		return err
+	}
+	d.release(p, plan{})
+	for _, m := range []*ebpf.Map{d.objs.Deliveries, d.objs.Counters} {
+		if err := m.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete connector %d: map %s: %w", id, m, err)
+		}
+	}
+	d.forget(id)
+	d.log.Info("delete connector", "id", id)
+	return nil
+}
+
+func (d *ebpfDataplane) Stats(ctx context.Context, id uint32) (Stats, error) {
+	if err := ctx.Err(); err != nil {
+		return Stats{}, fmt.Errorf("stats of connector %d: %w", id, err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, err := d.lookup("stats of", id); err != nil {
+		return Stats{}, err
+	}
+	var per []bpf.ConnectorCounters
+	if err := d.objs.Counters.Lookup(id, &per); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Stats{}, nil
+		}
+		return Stats{}, fmt.Errorf("stats of connector %d: %w", id, err)
+	}
+	var s Stats
+	for _, c := range per {
+		s.TxPackets += c.TxPackets
+		s.TxBytes += c.TxBytes
+		s.RxPackets += c.RxPackets
+		s.RxBytes += c.RxBytes
+		s.Drops += c.Drops
+	}
+	return s, nil
+}
+
+func (d *ebpfDataplane) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	return d.teardown()
+}
+
+func (d *ebpfDataplane) teardown() error {
+	var errs []error
+	for dev, l := range d.links {
+		if err := l.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("detach %q: %w", dev, err))
+		}
+	}
+	if d.vxIn != nil {
+		if err := d.vxIn.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("detach %q: %w", d.cfg.VXLANDevice, err))
+		}
+	}
+	if err := d.objs.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	if d.vxlan != nil {
+		if err := d.nl.LinkDel(d.vxlan); err != nil {
+			errs = append(errs, fmt.Errorf("delete %q: %w", d.cfg.VXLANDevice, err))
+		}
+	}
+	d.nl.Close()
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("close dataplane: %w", err)
+	}
+	return nil
+}
