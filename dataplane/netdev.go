@@ -4,17 +4,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
 // netdevDataplane: the fallback without eBPF. Each connector with a remote
-// end gets its own VXLAN netdev (VNI = ID) whose default FDB entry points at
-// the peer host; tc mirred redirects join it to the tap in both directions.
-// A collapsed connector is two mirred redirects between the taps.
+// end gets its own VXLAN netdev (VNI = ID) whose remote is the peer host; tc
+// mirred redirects (u32 match-all, the classifier every kernel with tc has)
+// join it to the tap in both directions. A collapsed connector is two mirred
+// redirects between the taps.
 type netdevDataplane struct {
 	*host
 	base map[uint32]Stats // device counters when the connector was set up here
@@ -34,8 +35,6 @@ func (d *netdevDataplane) Backend() Backend { return BackendNetdev }
 // vxlanName is the per-connector device; "vwc" keeps it apart from the eBPF
 // backend's shared device.
 func vxlanName(id uint32) string { return fmt.Sprintf("vwc%d", id) }
-
-var zeroMAC = net.HardwareAddr{0, 0, 0, 0, 0, 0}
 
 func (d *netdevDataplane) Create(ctx context.Context, c Connector) error {
 	if err := ctx.Err(); err != nil {
@@ -124,7 +123,7 @@ func (d *netdevDataplane) build(op string, p plan) error {
 	vx := &netlink.Vxlan{
 		LinkAttrs: netlink.LinkAttrs{Name: name, MTU: d.mtu},
 		VxlanId:   int(p.id), VtepDevIndex: d.underlay.Attrs().Index,
-		SrcAddr: netIP(d.cfg.Underlay), Port: int(d.cfg.Port), Learning: false,
+		SrcAddr: netIP(d.cfg.Underlay), Group: netIP(p.remote), Port: int(d.cfg.Port), Learning: false,
 	}
 	if err := d.nl.LinkAdd(vx); err != nil {
 		return fmt.Errorf("%s connector %d: create VXLAN device %q: %w", op, p.id, name, err)
@@ -132,9 +131,6 @@ func (d *netdevDataplane) build(op string, p plan) error {
 	l, err := d.nl.LinkByName(name)
 	if err != nil {
 		return fmt.Errorf("%s connector %d: VXLAN device %q: %w", op, p.id, name, err)
-	}
-	if err := d.setRemote(op, p.id, p.remote); err != nil {
-		return err
 	}
 	if err := d.nl.LinkSetUp(l); err != nil {
 		return fmt.Errorf("%s connector %d: bring %q up: %w", op, p.id, name, err)
@@ -149,16 +145,32 @@ func (d *netdevDataplane) build(op string, p plan) error {
 	return nil
 }
 
-// setRemote points the connector's VXLAN device at the peer host with the
-// all-zeros FDB entry, the device's default destination.
+// setRemote retargets the connector's VXLAN device with a changelink of
+// only its remote: one netlink message, and the kernel swaps the default FDB
+// entry in place (an FDB replace of the all-zeros entry is refused).
 func (d *netdevDataplane) setRemote(op string, id uint32, remote netip.Addr) error {
 	l, err := d.nl.LinkByName(vxlanName(id))
 	if err != nil {
 		return fmt.Errorf("%s connector %d: VXLAN device: %w", op, id, err)
 	}
-	n := &netlink.Neigh{LinkIndex: l.Attrs().Index, Family: unix.AF_BRIDGE, State: netlink.NUD_PERMANENT,
-		Flags: netlink.NTF_SELF, HardwareAddr: zeroMAC, IP: netIP(remote)}
-	if err := d.nl.NeighSet(n); err != nil {
+	req := nl.NewNetlinkRequest(unix.RTM_NEWLINK, unix.NLM_F_ACK)
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Index = int32(l.Attrs().Index)
+	req.AddData(msg)
+	info := nl.NewRtAttr(unix.IFLA_LINKINFO, nil)
+	info.AddRtAttr(nl.IFLA_INFO_KIND, nl.NonZeroTerminated("vxlan"))
+	data := info.AddRtAttr(nl.IFLA_INFO_DATA, nil)
+	if remote.Is4() {
+		data.AddRtAttr(nl.IFLA_VXLAN_GROUP, netIP(remote))
+	} else {
+		data.AddRtAttr(nl.IFLA_VXLAN_GROUP6, netIP(remote))
+	}
+	req.AddData(info)
+	err = inNetns(d.cfg.Netns, func() error {
+		_, err := req.Execute(unix.NETLINK_ROUTE, 0)
+		return err
+	})
+	if err != nil {
 		return fmt.Errorf("%s connector %d: point %s at %s: %w", op, id, vxlanName(id), remote, err)
 	}
 	return nil
@@ -171,12 +183,13 @@ func (d *netdevDataplane) redirect(op string, id uint32, from, to int) error {
 	if err := d.nl.QdiscReplace(q); err != nil {
 		return fmt.Errorf("%s connector %d: clsact on ifindex %d: %w", op, id, from, err)
 	}
-	f := &netlink.MatchAll{
+	f := &netlink.U32{
 		FilterAttrs: netlink.FilterAttrs{LinkIndex: from, Parent: netlink.HANDLE_MIN_INGRESS,
 			Priority: 1, Protocol: unix.ETH_P_ALL},
+		Sel:     &netlink.TcU32Sel{Flags: nl.TC_U32_TERMINAL, Nkeys: 1, Keys: []netlink.TcU32Key{{}}},
 		Actions: []netlink.Action{netlink.NewMirredAction(to)},
 	}
-	if err := d.nl.FilterReplace(f); err != nil {
+	if err := d.nl.FilterAdd(f); err != nil {
 		return fmt.Errorf("%s connector %d: redirect ifindex %d to %d: %w", op, id, from, to, err)
 	}
 	return nil
