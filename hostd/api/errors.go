@@ -1,0 +1,55 @@
+package api
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+
+	"hostd/hostd/jobs"
+	"hostd/hostd/vm"
+	"hostd/xen"
+)
+
+// Error is the body of every non-2xx response.
+type Error struct {
+	// Code is stable and machine-readable; Message is for people.
+	Code    string `json:"code"`
+	Message string `json:"error"`
+}
+
+// status maps an error from the layers below to an HTTP status and code.
+func status(err error) (int, string) {
+	switch {
+	case errors.Is(err, vm.ErrInvalid), errors.Is(err, xen.ErrInvalidSpec), errors.Is(err, errBadRequest):
+		return http.StatusBadRequest, "invalid_request"
+	case errors.Is(err, vm.ErrNotFound), errors.Is(err, jobs.ErrNotFound), errors.Is(err, xen.ErrNotFound):
+		return http.StatusNotFound, "not_found"
+	case errors.Is(err, vm.ErrExists), errors.Is(err, xen.ErrExists):
+		return http.StatusConflict, "exists"
+	case errors.Is(err, xen.ErrState):
+		return http.StatusConflict, "invalid_state"
+	case errors.Is(err, xen.ErrUnavailable):
+		return http.StatusServiceUnavailable, "hypervisor_unavailable"
+	default:
+		return http.StatusInternalServerError, "internal"
+	}
+}
+
+var errBadRequest = errors.New("bad request")
+
+func writeError(w http.ResponseWriter, err error) {
+	code, name := status(err)
+	writeJSON(w, code, Error{Code: name, Message: err.Error()})
+}
+
+func writeErrorCode(w http.ResponseWriter, httpCode int, code, msg string) {
+	writeJSON(w, httpCode, Error{Code: code, Message: msg})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}

@@ -1,0 +1,335 @@
+// Command hostctl drives hostd over its socket: the scheduler's API as a CLI.
+//
+//	hostctl [-socket PATH] [-json] host
+//	hostctl vm list | get NAME | create NAME [flags] | start NAME | shutdown NAME [-timeout D] [-wait]
+//	hostctl vm destroy NAME | delete NAME | console NAME [-n LINES] | stats NAME | wait-ready NAME [-timeout D]
+//	hostctl job list | get ID | wait ID
+//	hostctl events
+//	hostctl metrics
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"hostd/hostd/client"
+	"hostd/hostd/jobs"
+	"hostd/hostd/vm"
+	"hostd/xen"
+)
+
+type cli struct {
+	c    *client.Client
+	json bool
+	out  io.Writer
+}
+
+func main() {
+	socket := flag.String("socket", envOr("HOSTD_SOCKET", "/run/hostd/hostd.sock"), "hostd's API socket ($HOSTD_SOCKET)")
+	asJSON := flag.Bool("json", false, "print JSON instead of tables")
+	flag.Usage = usage
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	app := &cli{c: client.New(*socket), json: *asJSON, out: os.Stdout}
+	if err := app.run(ctx, flag.Args()); err != nil {
+		fmt.Fprintln(os.Stderr, "hostctl:", err)
+		var ue usageError
+		if errors.As(err, &ue) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+func usage() {
+	fmt.Fprint(os.Stderr, `usage: hostctl [-socket PATH] [-json] COMMAND
+
+  host                                  hypervisor, accelerator, CPU, memory, version
+  vm list                               all VMs
+  vm get NAME                           one VM
+  vm create NAME [-memory MiB] [-vcpus N] [-kernel F] [-initrd F] [-cmdline S] [-nic TAP[,MAC]]... [-no-start]
+  vm start|destroy|delete|stats NAME
+  vm shutdown NAME [-timeout 60s] [-wait]
+  vm console NAME [-n 50]
+  vm wait-ready NAME [-timeout 2m]      wait until the guest agent announced itself
+  job list | job get ID | job wait ID
+  events                                stream events (one JSON object per line)
+  metrics                               Prometheus metrics
+`)
+}
+
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg + " (hostctl -h for usage)" }
+
+func (a *cli) run(ctx context.Context, args []string) error {
+	if len(args) == 0 {
+		return usageError{"no command"}
+	}
+	switch args[0] {
+	case "host":
+		h, err := a.c.Host(ctx)
+		if err != nil {
+			return err
+		}
+		if a.json {
+			return a.printJSON(h)
+		}
+		return a.table([]string{"FIELD", "VALUE"}, [][]string{
+			{"version", h.Version}, {"roles", strings.Join(h.Roles, ",")},
+			{"hypervisor", h.Hypervisor}, {"library", h.Library}, {"uri", h.URI}, {"accel", string(h.Accel)},
+			{"cpu", fmt.Sprintf("%s (%d CPUs)", h.CPUModel, h.CPUs)},
+			{"memory", fmt.Sprintf("%d MiB (%d free)", h.MemoryMiB, h.FreeMemoryMiB)},
+		})
+	case "vm":
+		return a.vm(ctx, args[1:])
+	case "job":
+		return a.job(ctx, args[1:])
+	case "events":
+		ch, err := a.c.Events(ctx)
+		if err != nil {
+			return err
+		}
+		enc := json.NewEncoder(a.out)
+		for e := range ch {
+			if err := enc.Encode(e); err != nil {
+				return err
+			}
+		}
+		return nil
+	case "metrics":
+		m, err := a.c.Metrics(ctx)
+		if err != nil {
+			return err
+		}
+		_, err = io.WriteString(a.out, m)
+		return err
+	default:
+		return usageError{fmt.Sprintf("unknown command %q", args[0])}
+	}
+}
+
+func (a *cli) vm(ctx context.Context, args []string) error {
+	if len(args) == 0 {
+		return usageError{"vm: which subcommand?"}
+	}
+	sub, args := args[0], args[1:]
+	if sub == "list" {
+		vms, err := a.c.ListVMs(ctx)
+		if err != nil {
+			return err
+		}
+		if a.json {
+			return a.printJSON(vms)
+		}
+		rows := make([][]string, 0, len(vms))
+		for _, v := range vms {
+			rows = append(rows, vmRow(v))
+		}
+		return a.table(vmHeader, rows)
+	}
+
+	fs := flag.NewFlagSet("vm "+sub, flag.ContinueOnError)
+	memory := fs.Uint64("memory", 0, "memory in MiB (default 256)")
+	vcpus := fs.Int("vcpus", 0, "virtual CPUs (default 1)")
+	kernel := fs.String("kernel", "", "kernel (default: the configured guest image)")
+	initrd := fs.String("initrd", "", "initrd")
+	cmdline := fs.String("cmdline", "", "kernel command line")
+	noStart := fs.Bool("no-start", false, "define only")
+	var nics nicFlags
+	fs.Var(&nics, "nic", "TAP[,MAC] (repeatable)")
+	timeout := fs.Duration("timeout", 0, "shutdown: ACPI timeout; wait-ready: how long to wait")
+	wait := fs.Bool("wait", false, "shutdown: wait for the job")
+	lines := fs.Int("n", 50, "console: last N lines (0: last MiB)")
+	// Accept flags after the name as well as before it.
+	name, rest := "", args
+	if len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
+		name, rest = rest[0], rest[1:]
+	}
+	if err := fs.Parse(rest); err != nil {
+		return usageError{err.Error()}
+	}
+	if name == "" && fs.NArg() > 0 {
+		name = fs.Arg(0)
+	}
+	if name == "" {
+		return usageError{"vm " + sub + ": NAME is required"}
+	}
+
+	switch sub {
+	case "get":
+		v, err := a.c.VM(ctx, name)
+		return a.vmOut(v, err)
+	case "create":
+		start := !*noStart
+		v, err := a.c.CreateVM(ctx, vm.Request{Name: name, MemoryMiB: *memory, VCPUs: *vcpus,
+			Kernel: *kernel, Initrd: *initrd, Cmdline: *cmdline, NICs: nics, Start: &start})
+		return a.vmOut(v, err)
+	case "start":
+		v, err := a.c.StartVM(ctx, name)
+		return a.vmOut(v, err)
+	case "destroy":
+		v, err := a.c.DestroyVM(ctx, name)
+		return a.vmOut(v, err)
+	case "delete":
+		if err := a.c.DeleteVM(ctx, name); err != nil {
+			return err
+		}
+		fmt.Fprintf(a.out, "deleted %s\n", name)
+		return nil
+	case "shutdown":
+		j, err := a.c.ShutdownVM(ctx, name, *timeout)
+		if err == nil && *wait {
+			j, err = a.c.WaitJob(ctx, j.ID)
+		}
+		return a.jobOut(j, err)
+	case "console":
+		out, err := a.c.Console(ctx, name, *lines)
+		if err != nil {
+			return err
+		}
+		_, err = a.out.Write(out)
+		return err
+	case "stats":
+		s, err := a.c.Stats(ctx, name)
+		if err != nil {
+			return err
+		}
+		if a.json {
+			return a.printJSON(s)
+		}
+		return a.table([]string{"CPU", "MEMORY", "BALLOON", "RSS"}, [][]string{{
+			s.CPUTime.String(), fmt.Sprintf("%d MiB", s.MemoryMiB), fmt.Sprintf("%d MiB", s.BalloonMiB), fmt.Sprintf("%d MiB", s.RSSMiB)}})
+	case "wait-ready":
+		if *timeout == 0 {
+			*timeout = 2 * time.Minute
+		}
+		wctx, cancel := context.WithTimeout(ctx, *timeout)
+		defer cancel()
+		v, err := a.c.WaitReady(wctx, name)
+		return a.vmOut(v, err)
+	default:
+		return usageError{fmt.Sprintf("vm: unknown subcommand %q", sub)}
+	}
+}
+
+func (a *cli) job(ctx context.Context, args []string) error {
+	if len(args) == 0 {
+		return usageError{"job: which subcommand?"}
+	}
+	switch {
+	case args[0] == "list":
+		js, err := a.c.Jobs(ctx)
+		if err != nil {
+			return err
+		}
+		if a.json {
+			return a.printJSON(js)
+		}
+		rows := make([][]string, 0, len(js))
+		for _, j := range js {
+			rows = append(rows, jobRow(j))
+		}
+		return a.table(jobHeader, rows)
+	case len(args) < 2:
+		return usageError{"job " + args[0] + ": ID is required"}
+	case args[0] == "get":
+		j, err := a.c.Job(ctx, args[1])
+		return a.jobOut(j, err)
+	case args[0] == "wait":
+		j, err := a.c.WaitJob(ctx, args[1])
+		return a.jobOut(j, err)
+	default:
+		return usageError{fmt.Sprintf("job: unknown subcommand %q", args[0])}
+	}
+}
+
+var vmHeader = []string{"NAME", "STATE", "VCPUS", "MEMORY", "BOOT", "CREATED"}
+
+func vmRow(v vm.VM) []string {
+	state := string(v.State)
+	if v.Vanished {
+		state = "vanished"
+	}
+	boot := "-"
+	if v.Ready != nil {
+		boot = fmt.Sprintf("%.0f ms", v.BootMS)
+	}
+	return []string{v.Name, state, fmt.Sprint(v.Spec.VCPUs), fmt.Sprintf("%d MiB", v.Spec.MemoryMiB), boot, v.Created.Format(time.RFC3339)}
+}
+
+var jobHeader = []string{"ID", "KIND", "VM", "STATE", "PROGRESS", "ERROR"}
+
+func jobRow(j jobs.Job) []string {
+	return []string{j.ID, j.Kind, j.VM, string(j.State), fmt.Sprintf("%.0f%%", j.Progress*100), j.Error}
+}
+
+func (a *cli) vmOut(v vm.VM, err error) error {
+	if err != nil {
+		return err
+	}
+	if a.json {
+		return a.printJSON(v)
+	}
+	return a.table(vmHeader, [][]string{vmRow(v)})
+}
+
+func (a *cli) jobOut(j jobs.Job, err error) error {
+	if err != nil {
+		return err
+	}
+	if a.json {
+		return a.printJSON(j)
+	}
+	if err := a.table(jobHeader, [][]string{jobRow(j)}); err != nil {
+		return err
+	}
+	if j.State == jobs.Failed {
+		return fmt.Errorf("job %s failed: %s", j.ID, j.Error)
+	}
+	return nil
+}
+
+func (a *cli) printJSON(v any) error {
+	enc := json.NewEncoder(a.out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func (a *cli) table(header []string, rows [][]string) error {
+	tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, strings.Join(header, "\t"))
+	for _, r := range rows {
+		fmt.Fprintln(tw, strings.Join(r, "\t"))
+	}
+	return tw.Flush()
+}
+
+type nicFlags []xen.NIC
+
+func (n *nicFlags) String() string { return fmt.Sprint(*n) }
+func (n *nicFlags) Set(s string) error {
+	tap, mac, _ := strings.Cut(s, ",")
+	if tap == "" {
+		return errors.New("-nic wants TAP[,MAC]")
+	}
+	*n = append(*n, xen.NIC{Tap: tap, MAC: mac})
+	return nil
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}

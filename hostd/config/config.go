@@ -1,0 +1,190 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Role names: one binary, roles switched on by configuration.
+const (
+	RoleHost   = "host"   // runs nested VMs
+	RoleBackup = "backup" // stores memory checkpoints (checkpoint issue)
+	RoleRepo   = "repo"   // lends memory for cooperative swap (swap issue)
+)
+
+// Config is the whole configuration. Field comments name the TOML keys.
+type Config struct {
+	Roles    []string `toml:"roles"`
+	StateDir string   `toml:"state_dir"`
+	RunDir   string   `toml:"run_dir"`
+
+	API        API        `toml:"api"`
+	Hypervisor Hypervisor `toml:"hypervisor"`
+	Guest      Guest      `toml:"guest"`
+	Log        Log        `toml:"log"`
+}
+
+// API is the local socket the scheduler talks to.
+type API struct {
+	Socket string `toml:"socket"`
+	// Group may use the socket besides root; it owns the socket file.
+	Group string `toml:"group"`
+}
+
+// Hypervisor selects and tunes the second-layer hypervisor driver.
+type Hypervisor struct {
+	URI   string `toml:"uri"`
+	Accel string `toml:"accel"` // auto | kvm | tcg
+	// ShutdownTimeout bounds an ACPI shutdown before it is reported failed.
+	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+	// ReconcileInterval is how often hostd re-reads libvirt's view of its VMs.
+	ReconcileInterval Duration `toml:"reconcile_interval"`
+}
+
+// Guest is the default guest image used when a create request names none.
+type Guest struct {
+	Kernel  string `toml:"kernel"`
+	Initrd  string `toml:"initrd"`
+	Cmdline string `toml:"cmdline"`
+}
+
+// Log configures slog output.
+type Log struct {
+	Level  string `toml:"level"`  // debug | info | warn | error
+	Format string `toml:"format"` // json | text
+}
+
+// Duration is a time.Duration written as "30s" in TOML.
+type Duration struct{ time.Duration }
+
+// UnmarshalText lets TOML strings such as "2m" fill a Duration.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("parse duration %q: %w", b, err)
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText writes a Duration back as "30s".
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// Default returns the configuration hostd runs with when no file is given.
+// Keep hostd.toml in step: a test compares the two.
+func Default() Config {
+	return Config{
+		Roles:    []string{RoleHost},
+		StateDir: "/var/lib/hostd",
+		RunDir:   "/run/hostd",
+		API: API{
+			Socket: "/run/hostd/hostd.sock",
+			Group:  "hostd",
+		},
+		Hypervisor: Hypervisor{
+			URI:               "qemu:///system",
+			Accel:             "auto",
+			ShutdownTimeout:   Duration{60 * time.Second},
+			ReconcileInterval: Duration{30 * time.Second},
+		},
+		Guest: Guest{
+			Kernel:  "/usr/lib/hostd/guest/vmlinuz",
+			Initrd:  "/usr/lib/hostd/guest/initrd.img",
+			Cmdline: "console=ttyS0 panic=-1",
+		},
+		Log: Log{Level: "info", Format: "json"},
+	}
+}
+
+// Load reads path over the defaults. An empty path, or a path that does not
+// exist when allowMissing is set, yields the defaults.
+func Load(path string, allowMissing bool) (Config, error) {
+	cfg := Default()
+	if path == "" {
+		return cfg, cfg.Validate()
+	}
+	md, err := toml.DecodeFile(path, &cfg)
+	if errors.Is(err, fs.ErrNotExist) && allowMissing {
+		return cfg, cfg.Validate()
+	}
+	if err != nil {
+		return Config{}, fmt.Errorf("load config %s: %w", path, err)
+	}
+	if und := md.Undecoded(); len(und) > 0 {
+		keys := make([]string, len(und))
+		for i, k := range und {
+			keys[i] = k.String()
+		}
+		return Config{}, fmt.Errorf("load config %s: unknown keys %s (see hostd.toml for the valid ones)", path, strings.Join(keys, ", "))
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, fmt.Errorf("load config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Validate reports the first setting that cannot work.
+func (c Config) Validate() error {
+	if len(c.Roles) == 0 {
+		return errors.New("roles: at least one role is needed (host, backup, repo)")
+	}
+	for _, r := range c.Roles {
+		if !slices.Contains([]string{RoleHost, RoleBackup, RoleRepo}, r) {
+			return fmt.Errorf("roles: unknown role %q (want host, backup or repo)", r)
+		}
+	}
+	for name, p := range map[string]string{"state_dir": c.StateDir, "run_dir": c.RunDir, "api.socket": c.API.Socket} {
+		if !filepath.IsAbs(p) {
+			return fmt.Errorf("%s: %q must be an absolute path", name, p)
+		}
+	}
+	if len(c.API.Socket) > 107 {
+		return fmt.Errorf("api.socket: %q is longer than a unix socket path may be (107 bytes)", c.API.Socket)
+	}
+	switch c.Hypervisor.Accel {
+	case "auto", "kvm", "tcg":
+	default:
+		return fmt.Errorf("hypervisor.accel: %q is not one of auto, kvm, tcg", c.Hypervisor.Accel)
+	}
+	if c.Hypervisor.ShutdownTimeout.Duration <= 0 {
+		return errors.New("hypervisor.shutdown_timeout: must be positive")
+	}
+	if c.Hypervisor.ReconcileInterval.Duration < time.Second {
+		return errors.New("hypervisor.reconcile_interval: must be at least 1s")
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("log.level: %q is not one of debug, info, warn, error", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "json", "text":
+	default:
+		return fmt.Errorf("log.format: %q is not json or text", c.Log.Format)
+	}
+	return nil
+}
+
+// HasRole reports whether role r is switched on.
+func (c Config) HasRole(r string) bool { return slices.Contains(c.Roles, r) }
+
+// VMDir is where hostd keeps one VM's files (RAM file, serial log, agent socket).
+func (c Config) VMDir(name string) string { return filepath.Join(c.StateDir, "vms", name) }
+
+// EnsureDirs creates the state and run directories with private modes.
+func (c Config) EnsureDirs() error {
+	for _, d := range []string{c.StateDir, filepath.Join(c.StateDir, "vms"), c.RunDir, filepath.Dir(c.API.Socket)} {
+		if err := os.MkdirAll(d, 0o750); err != nil {
+			return fmt.Errorf("create directory %s: %w", d, err)
+		}
+	}
+	return nil
+}

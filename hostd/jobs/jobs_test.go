@@ -1,0 +1,87 @@
+package jobs
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"hostd/hostd/events"
+	"hostd/hostd/store"
+)
+
+func open(t *testing.T, dir string) *store.Store {
+	t.Helper()
+	s, err := store.Open(dir, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func TestJobLifecycleAndPersistence(t *testing.T) {
+	dir := t.TempDir()
+	st := open(t, dir)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	m, err := NewManager(st, events.NewBroker(), log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	release := make(chan struct{})
+	j, err := m.Start(ctx, "shutdown", "vm1", func(ctx context.Context, p *Progress) (any, error) {
+		p.Set(0.5, "waiting")
+		<-release
+		return map[string]int{"ms": 42}, nil
+	})
+	if err != nil || j.State != Running {
+		t.Fatalf("start: %+v %v", j, err)
+	}
+	bad, _ := m.Start(ctx, "shutdown", "vm2", func(ctx context.Context, p *Progress) (any, error) {
+		return nil, errors.New("guest ignored ACPI")
+	})
+	close(release)
+	if err := m.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got, err := m.Get(j.ID)
+	if err != nil || got.State != Succeeded || got.Progress != 1 || got.Finished == nil || got.Report == nil {
+		t.Fatalf("finished job: %+v %v", got, err)
+	}
+	if got, _ := m.Get(bad.ID); got.State != Failed || got.Error != "guest ignored ACPI" {
+		t.Fatalf("failed job: %+v", got)
+	}
+	if _, err := m.Get("job-nope"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unknown job: %v", err)
+	}
+	st.Close()
+
+	// Reopened: both results are still there.
+	st = open(t, dir)
+	defer st.Close()
+	m, _ = NewManager(st, events.NewBroker(), log)
+	all, err := m.List()
+	if err != nil || len(all) != 2 || all[0].ID != j.ID {
+		t.Fatalf("after reopen: %+v %v", all, err)
+	}
+}
+
+func TestRunningJobsAreMarkedInterruptedOnRestart(t *testing.T) {
+	dir := t.TempDir()
+	st := open(t, dir)
+	// A record left "running" is what a kill -9 leaves behind.
+	if err := store.Put(st, store.BucketJobs, "job-1", Job{ID: "job-1", Kind: "shutdown", State: Running}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := NewManager(st, events.NewBroker(), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, _ := m.Get("job-1")
+	if j.State != Interrupted || j.Error == "" || j.Finished == nil {
+		t.Fatalf("got %+v", j)
+	}
+	st.Close()
+}

@@ -1,0 +1,392 @@
+package vm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"hostd/hostd/config"
+	"hostd/hostd/events"
+	"hostd/hostd/jobs"
+	"hostd/hostd/store"
+	"hostd/xen"
+)
+
+// ReadyMarker is the line the guest agent prints on its serial console once
+// it runs; the time from start to this line is the VM's boot time.
+const ReadyMarker = "HOSTD-AGENT READY"
+
+// Manager owns the host's VMs.
+type Manager struct {
+	cfg  config.Config
+	hv   xen.Hypervisor
+	st   *store.Store
+	ev   *events.Broker
+	jobs *jobs.Manager
+	log  *slog.Logger
+	// ctx is the daemon's lifetime: background work (readiness watchers)
+	// outlives the API request that started it.
+	ctx context.Context
+
+	// mu serialises changes to records so that two requests for the same
+	// name cannot both create it, and a watcher cannot overwrite a delete.
+	mu       sync.Mutex
+	watchers map[string]context.CancelFunc
+	wg       sync.WaitGroup
+}
+
+// NewManager returns a manager; call Reconcile before serving requests.
+func NewManager(ctx context.Context, cfg config.Config, hv xen.Hypervisor, st *store.Store, ev *events.Broker, jm *jobs.Manager, log *slog.Logger) *Manager {
+	return &Manager{cfg: cfg, hv: hv, st: st, ev: ev, jobs: jm, log: log, ctx: ctx, watchers: make(map[string]context.CancelFunc)}
+}
+
+// Create validates req, defines and (unless req.Start is false) starts the
+// domain. On any failure nothing is left behind: no domain, no files, no record.
+func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
+	m.applyDefaults(&req)
+	host, err := m.hv.Host(ctx)
+	if err != nil {
+		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
+	}
+	if err := req.validate(host.CPUs, host.MemoryMiB); err != nil {
+		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
+	}
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, err := m.record(req.Name); err == nil {
+		return VM{}, fmt.Errorf("create VM %q: %w (delete it first or choose another name)", req.Name, ErrExists)
+	}
+	if _, err := m.hv.Domain(ctx, req.Name); err == nil {
+		return VM{}, fmt.Errorf("create VM %q: %w: a domain of that name exists in the hypervisor but not in hostd", req.Name, ErrExists)
+	} else if !errors.Is(err, xen.ErrNotFound) {
+		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
+	}
+
+	spec := m.spec(req)
+	if err := m.makeVMDirs(spec); err != nil {
+		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
+	}
+	undo := func() {
+		// Clean up with a fresh context: the request's may be what failed.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if err := m.hv.Destroy(cctx, spec.Name); err != nil && !errors.Is(err, xen.ErrNotFound) {
+			m.log.Error("cleanup after failed create: destroy", "vm", spec.Name, "err", err)
+		}
+		if err := m.hv.Undefine(cctx, spec.Name); err != nil && !errors.Is(err, xen.ErrNotFound) {
+			m.log.Error("cleanup after failed create: undefine", "vm", spec.Name, "err", err)
+		}
+		m.removeVMFiles(spec)
+	}
+	if err := m.hv.Define(ctx, spec); err != nil {
+		undo()
+		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
+	}
+	info, err := m.hv.Domain(ctx, spec.Name)
+	if err != nil {
+		undo()
+		return VM{}, fmt.Errorf("create VM %q: read back: %w", req.Name, err)
+	}
+	rec := Record{Name: spec.Name, UUID: info.UUID, Spec: spec, Created: time.Now().UTC()}
+	if err := store.Put(m.st, store.BucketVMs, rec.Name, rec); err != nil {
+		undo()
+		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
+	}
+	m.ev.Publish(events.Event{Type: "vm.created", VM: rec.Name, Data: map[string]any{"uuid": rec.UUID}})
+	m.log.Info("vm created", "vm", rec.Name, "uuid", rec.UUID, "memory_mib", spec.MemoryMiB, "vcpus", spec.VCPUs)
+
+	if req.Start == nil || *req.Start {
+		if err := m.startLocked(ctx, &rec); err != nil {
+			undo()
+			_ = m.st.Delete(store.BucketVMs, rec.Name)
+			m.ev.Publish(events.Event{Type: "vm.deleted", VM: rec.Name, Data: map[string]string{"reason": "start failed"}})
+			return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
+		}
+	}
+	return m.join(ctx, rec)
+}
+
+func (m *Manager) applyDefaults(r *Request) {
+	if r.VCPUs == 0 {
+		r.VCPUs = 1
+	}
+	if r.MemoryMiB == 0 {
+		r.MemoryMiB = 256
+	}
+	if r.Kernel == "" {
+		r.Kernel, r.Initrd = m.cfg.Guest.Kernel, m.cfg.Guest.Initrd
+	}
+	if r.Cmdline == "" {
+		r.Cmdline = m.cfg.Guest.Cmdline
+	}
+}
+
+// spec decides where a VM's files live. RAM and serial log sit in the VM's
+// state directory; the agent socket in the run directory, whose short path
+// keeps unix socket names under their 107-byte limit.
+func (m *Manager) spec(r Request) xen.DomainSpec {
+	dir := m.cfg.VMDir(r.Name)
+	return xen.DomainSpec{
+		Name: r.Name, VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB,
+		Kernel: r.Kernel, Initrd: r.Initrd, Cmdline: r.Cmdline,
+		Disks: r.Disks, NICs: r.NICs,
+		RAMPath:     filepath.Join(dir, "ram"),
+		SerialLog:   filepath.Join(dir, "serial.log"),
+		AgentSocket: filepath.Join(m.cfg.RunDir, "agents", r.Name+".sock"),
+	}
+}
+
+func (m *Manager) makeVMDirs(s xen.DomainSpec) error {
+	for _, d := range []string{filepath.Dir(s.RAMPath), filepath.Dir(s.AgentSocket)} {
+		if err := os.MkdirAll(d, 0o750); err != nil {
+			return fmt.Errorf("create VM directory %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+func (m *Manager) removeVMFiles(s xen.DomainSpec) {
+	for _, p := range []string{filepath.Dir(s.RAMPath), s.AgentSocket} {
+		if err := os.RemoveAll(p); err != nil {
+			m.log.Warn("remove VM files", "path", p, "err", err)
+		}
+	}
+}
+
+// Start boots a stopped VM.
+func (m *Manager) Start(ctx context.Context, name string) (VM, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rec, err := m.record(name)
+	if err != nil {
+		return VM{}, fmt.Errorf("start VM: %w", err)
+	}
+	if err := m.startLocked(ctx, &rec); err != nil {
+		return VM{}, fmt.Errorf("start VM %q: %w", name, err)
+	}
+	return m.join(ctx, rec)
+}
+
+// startLocked starts the domain and follows its serial log to readiness.
+func (m *Manager) startLocked(ctx context.Context, rec *Record) error {
+	// Readiness is judged on what the serial log gains after this start:
+	// the log is appended across restarts.
+	offset := fileSize(rec.Spec.SerialLog)
+	started := time.Now().UTC()
+	if err := m.hv.Start(ctx, rec.Name); err != nil {
+		return err
+	}
+	rec.Started, rec.Ready, rec.BootMS, rec.Vanished = &started, nil, 0, false
+	rec.SerialOffset = offset
+	if err := store.Put(m.st, store.BucketVMs, rec.Name, *rec); err != nil {
+		return err
+	}
+	m.watchReady(rec.Name, rec.Spec.SerialLog, offset, started)
+	return nil
+}
+
+// watchReady follows the serial log in the background until the agent's
+// ready line appears, then records the boot time.
+func (m *Manager) watchReady(name, logPath string, offset int64, started time.Time) {
+	if cancel, ok := m.watchers[name]; ok {
+		cancel()
+	}
+	ctx, cancel := context.WithTimeout(m.ctx, 10*time.Minute)
+	m.watchers[name] = cancel
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		defer cancel()
+		line, err := WaitForLine(ctx, logPath, offset, ReadyMarker)
+		if err != nil {
+			if ctx.Err() == context.DeadlineExceeded {
+				m.log.Warn("guest agent never announced itself", "vm", name, "log", logPath)
+			}
+			return
+		}
+		ready := time.Now().UTC()
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		rec, err := m.record(name)
+		if err != nil || rec.Started == nil || !rec.Started.Equal(started) {
+			return // deleted or restarted meanwhile
+		}
+		rec.Ready, rec.BootMS = &ready, float64(ready.Sub(started).Microseconds())/1000
+		if err := store.Put(m.st, store.BucketVMs, name, rec); err != nil {
+			m.log.Error("record readiness", "vm", name, "err", err)
+			return
+		}
+		m.log.Info("vm ready", "vm", name, "boot_ms", rec.BootMS)
+		m.ev.Publish(events.Event{Type: "vm.ready", VM: name, Data: map[string]any{"boot_ms": rec.BootMS, "line": line}})
+	}()
+}
+
+func (m *Manager) stopWatcher(name string) {
+	if cancel, ok := m.watchers[name]; ok {
+		cancel()
+		delete(m.watchers, name)
+	}
+}
+
+// Destroy powers a VM off at once; its definition and files stay.
+func (m *Manager) Destroy(ctx context.Context, name string) (VM, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rec, err := m.record(name)
+	if err != nil {
+		return VM{}, fmt.Errorf("destroy VM: %w", err)
+	}
+	m.stopWatcher(name)
+	if err := m.hv.Destroy(ctx, name); err != nil {
+		return VM{}, fmt.Errorf("destroy VM %q: %w", name, err)
+	}
+	return m.join(ctx, rec)
+}
+
+// ShutdownReport is the final report of a shutdown job.
+type ShutdownReport struct {
+	DurationMS float64 `json:"duration_ms"`
+}
+
+// Shutdown asks the guest to power off, as a job bounded by timeout (the
+// configured default when zero).
+func (m *Manager) Shutdown(ctx context.Context, name string, timeout time.Duration) (jobs.Job, error) {
+	if _, err := m.Get(ctx, name); err != nil {
+		return jobs.Job{}, fmt.Errorf("shutdown VM: %w", err)
+	}
+	if timeout <= 0 {
+		timeout = m.cfg.Hypervisor.ShutdownTimeout.Duration
+	}
+	return m.jobs.Start(m.ctx, "shutdown", name, func(ctx context.Context, p *jobs.Progress) (any, error) {
+		p.Set(0, "acpi")
+		t0 := time.Now()
+		if err := m.hv.Shutdown(ctx, name, timeout); err != nil {
+			return nil, fmt.Errorf("shutdown VM %q: %w", name, err)
+		}
+		return ShutdownReport{DurationMS: float64(time.Since(t0).Microseconds()) / 1000}, nil
+	})
+}
+
+// Delete destroys the VM if it runs, removes its definition, files and record.
+func (m *Manager) Delete(ctx context.Context, name string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rec, err := m.record(name)
+	if err != nil {
+		return fmt.Errorf("delete VM: %w", err)
+	}
+	m.stopWatcher(name)
+	if err := m.hv.Destroy(ctx, name); err != nil && !errors.Is(err, xen.ErrNotFound) {
+		return fmt.Errorf("delete VM %q: %w", name, err)
+	}
+	if err := m.hv.Undefine(ctx, name); err != nil && !errors.Is(err, xen.ErrNotFound) {
+		return fmt.Errorf("delete VM %q: %w", name, err)
+	}
+	m.removeVMFiles(rec.Spec)
+	if err := m.st.Delete(store.BucketVMs, name); err != nil {
+		return fmt.Errorf("delete VM %q: %w", name, err)
+	}
+	m.ev.Publish(events.Event{Type: "vm.deleted", VM: name})
+	m.log.Info("vm deleted", "vm", name)
+	return nil
+}
+
+// Get returns one VM with its live state.
+func (m *Manager) Get(ctx context.Context, name string) (VM, error) {
+	rec, err := m.record(name)
+	if err != nil {
+		return VM{}, fmt.Errorf("get VM: %w", err)
+	}
+	return m.join(ctx, rec)
+}
+
+// List returns all of hostd's VMs with live state: one store scan and one
+// hypervisor listing, whatever the number of VMs.
+func (m *Manager) List(ctx context.Context) ([]VM, error) {
+	recs, err := store.List[Record](m.st, store.BucketVMs)
+	if err != nil {
+		return nil, fmt.Errorf("list VMs: %w", err)
+	}
+	doms, err := m.hv.List(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list VMs: %w", err)
+	}
+	live := make(map[string]xen.DomainInfo, len(doms))
+	for _, d := range doms {
+		live[d.Name] = d
+	}
+	out := make([]VM, 0, len(recs))
+	for _, r := range recs {
+		v := VM{Record: r, State: xen.StateUnknown}
+		if d, ok := live[r.Name]; ok {
+			v.State, v.Reason = d.State, d.Reason
+		} else {
+			v.Vanished = true
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+// Stats samples a running VM's counters.
+func (m *Manager) Stats(ctx context.Context, name string) (xen.DomainStats, error) {
+	if _, err := m.record(name); err != nil {
+		return xen.DomainStats{}, fmt.Errorf("VM stats: %w", err)
+	}
+	s, err := m.hv.Stats(ctx, name)
+	if err != nil {
+		return xen.DomainStats{}, fmt.Errorf("VM %q stats: %w", name, err)
+	}
+	return s, nil
+}
+
+// Console returns the last n lines of the VM's serial console.
+func (m *Manager) Console(name string, n int) ([]byte, error) {
+	rec, err := m.record(name)
+	if err != nil {
+		return nil, fmt.Errorf("console: %w", err)
+	}
+	out, err := TailLines(rec.Spec.SerialLog, n)
+	if err != nil {
+		return nil, fmt.Errorf("console of VM %q: %w", name, err)
+	}
+	return out, nil
+}
+
+func (m *Manager) record(name string) (Record, error) {
+	rec, err := store.Get[Record](m.st, store.BucketVMs, name)
+	if errors.Is(err, store.ErrNotFound) {
+		return Record{}, fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	return rec, err
+}
+
+func (m *Manager) join(ctx context.Context, rec Record) (VM, error) {
+	d, err := m.hv.Domain(ctx, rec.Name)
+	switch {
+	case errors.Is(err, xen.ErrNotFound):
+		rec.Vanished = true
+		return VM{Record: rec, State: xen.StateUnknown}, nil
+	case err != nil:
+		return VM{}, fmt.Errorf("VM %q: %w", rec.Name, err)
+	}
+	return VM{Record: rec, State: d.State, Reason: d.Reason}, nil
+}
+
+// Wait returns when background watchers have ended (after the daemon's
+// context is cancelled).
+func (m *Manager) Wait() { m.wg.Wait() }
+
+func fileSize(p string) int64 {
+	st, err := os.Stat(p)
+	if err != nil {
+		return 0
+	}
+	return st.Size()
+}
