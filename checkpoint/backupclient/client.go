@@ -1,0 +1,508 @@
+// Package backupclient is the host's side of the backup path: one Stream
+// per VM carries the VM's dirty pages (from memfs) and device state to its
+// backup server over mutual TLS, commits epochs, measures the bandwidth the
+// flush controller needs, and after a failure reconnects and re-sends what
+// the backup has not acknowledged.
+//
+// What is unacknowledged is tracked page by page (a pageset per epoch in
+// flight); the contents are not kept: on resync they are read again from
+// the VM's RAM file (Config.Source), which holds the newest version of
+// every page. Sending a newer version than the one lost is correct: the
+// backup only has to hold, at the final commit, what the paused guest has.
+package backupclient
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"hostd/checkpoint/pageset"
+	"hostd/checkpoint/wire"
+)
+
+// ErrClosed: the stream was closed.
+var ErrClosed = errors.New("backup stream closed")
+
+// ErrBroken wraps the failure that broke a stream's connection; Reconnect
+// repairs it.
+var ErrBroken = errors.New("backup stream broken")
+
+// Config describes one VM's stream.
+type Config struct {
+	Addr      string      // backup server host:port
+	TLS       *tls.Config // from pki.ClientConfig: TLS 1.3, client certificate
+	VMID      string
+	ImageSize int64
+	// Source reads the VM's current memory for resync (the RAM file). If
+	// nil, a stream cannot recover pages lost with a connection.
+	Source io.ReaderAt
+	Logger *slog.Logger
+	// DialTimeout bounds connect + handshake + welcome; default 10 s.
+	DialTimeout time.Duration
+}
+
+// Stream is one VM's connection to its backup. SendPages, SendDeviceState
+// and Commit may be called from different goroutines (memfs delivers pages
+// while a controller commits); sends are serialised.
+type Stream struct {
+	cfg Config
+	log *slog.Logger
+
+	commitMu sync.Mutex // one Commit at a time
+
+	mu        sync.Mutex // guards everything below and the writer
+	conn      net.Conn
+	w         *wire.Writer
+	broken    error
+	closed    bool
+	epoch     uint64 // epoch being sent
+	acked     uint64 // last acknowledged epoch
+	sent      map[uint64]*pageset.Set
+	count     uint64 // extents in the current epoch
+	bytes     uint64
+	digest    uint32
+	stateLen  uint64
+	stateCRC  uint32
+	epochT0   time.Time
+	total     int64
+	bw        float64 // bytes/s, EWMA over commits
+	acks      chan ackOrErr
+	readerEnd chan struct{}
+}
+
+type ackOrErr struct {
+	epoch uint64
+	err   error
+}
+
+// Open connects and says hello. If the backup knows the VM already, the
+// stream continues after its last committed epoch; pages are not re-sent
+// (call Resync for that when the host's own record was lost).
+func Open(ctx context.Context, cfg Config) (*Stream, error) {
+	if err := wire.ValidVMID(cfg.VMID); err != nil {
+		return nil, fmt.Errorf("open backup stream: %w", err)
+	}
+	if cfg.ImageSize <= 0 || cfg.ImageSize%wire.PageSize != 0 {
+		return nil, fmt.Errorf("open backup stream %s: image size %d not a positive multiple of %d", cfg.VMID, cfg.ImageSize, wire.PageSize)
+	}
+	if cfg.DialTimeout == 0 {
+		cfg.DialTimeout = 10 * time.Second
+	}
+	l := cfg.Logger
+	if l == nil {
+		l = slog.Default()
+	}
+	s := &Stream{cfg: cfg, log: l.With("component", "backupclient", "vm", cfg.VMID), sent: map[uint64]*pageset.Set{}}
+	c, committed, err := s.dial(ctx, 1)
+	if err != nil {
+		return nil, err
+	}
+	s.attach(c)
+	s.acked, s.epoch = committed, committed+1
+	s.startEpoch()
+	return s, nil
+}
+
+// dial connects, handshakes and exchanges Hello/Welcome.
+func (s *Stream) dial(ctx context.Context, epoch uint64) (net.Conn, uint64, error) {
+	op := fmt.Sprintf("connect backup %s for %s", s.cfg.Addr, s.cfg.VMID)
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+	defer cancel()
+	d := tls.Dialer{Config: s.cfg.TLS}
+	c, err := d.DialContext(ctx, "tcp", s.cfg.Addr)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: %w", op, err)
+	}
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	w := wire.NewWriter(c)
+	if err := w.Write(&wire.Hello{Version: wire.Version, VMID: s.cfg.VMID, ImageSize: uint64(s.cfg.ImageSize), Epoch: epoch}); err == nil {
+		err = w.Flush()
+	}
+	if err != nil {
+		c.Close()
+		return nil, 0, fmt.Errorf("%s: hello: %w", op, err)
+	}
+	m, err := wire.NewReader(c).Read()
+	if err != nil {
+		c.Close()
+		return nil, 0, fmt.Errorf("%s: welcome: %w", op, err)
+	}
+	switch m := m.(type) {
+	case *wire.Welcome:
+		if int64(m.ImageSize) != s.cfg.ImageSize {
+			c.Close()
+			return nil, 0, fmt.Errorf("%s: backup holds an image of %d bytes, VM has %d", op, m.ImageSize, s.cfg.ImageSize)
+		}
+		return c, m.Committed, nil
+	case *wire.Error:
+		c.Close()
+		return nil, 0, fmt.Errorf("%s: %w", op, m)
+	default:
+		c.Close()
+		return nil, 0, fmt.Errorf("%s: expected welcome, got %s: %w", op, m.Type(), wire.ErrMalformed)
+	}
+}
+
+// attach makes c the stream's connection and starts its ack reader. The
+// reader owns the read side: it turns Acks and Errors into acks messages
+// and ends when the connection does. Called with mu held or before the
+// stream is shared.
+func (s *Stream) attach(c net.Conn) {
+	s.conn, s.w, s.broken = c, wire.NewWriter(c), nil
+	acks := make(chan ackOrErr, 16)
+	end := make(chan struct{})
+	s.acks, s.readerEnd = acks, end
+	// The reader gets its own buffered reader; Welcome was read with
+	// another, which consumed nothing beyond it (the server sends nothing
+	// before our first Commit).
+	go func() {
+		defer close(end)
+		r := wire.NewReader(c)
+		for {
+			m, err := r.Read()
+			if err != nil {
+				acks <- ackOrErr{err: fmt.Errorf("read from backup: %w", err)}
+				return
+			}
+			switch m := m.(type) {
+			case *wire.Ack:
+				acks <- ackOrErr{epoch: m.Epoch}
+			case *wire.Error:
+				acks <- ackOrErr{err: fmt.Errorf("backup: %w", m)}
+				return
+			default:
+				acks <- ackOrErr{err: fmt.Errorf("backup sent unexpected %s: %w", m.Type(), wire.ErrMalformed)}
+				return
+			}
+		}
+	}()
+}
+
+func (s *Stream) startEpoch() {
+	s.count, s.bytes, s.digest, s.stateLen, s.stateCRC = 0, 0, 0, 0, 0
+	s.epochT0 = time.Time{}
+	if s.sent[s.epoch] == nil {
+		s.sent[s.epoch] = pageset.New(s.cfg.ImageSize / wire.PageSize)
+	}
+}
+
+// breakLocked records a send failure: the connection is dropped and every
+// call fails with ErrBroken until Reconnect.
+func (s *Stream) breakLocked(err error) error {
+	if s.broken == nil {
+		s.broken = err
+		s.conn.Close()
+		s.log.Warn("backup stream broken", "err", err)
+	}
+	return fmt.Errorf("%w: %w", ErrBroken, s.broken)
+}
+
+func (s *Stream) usableLocked(op string) error {
+	if s.closed {
+		return fmt.Errorf("%s: %w", op, ErrClosed)
+	}
+	if s.broken != nil {
+		return fmt.Errorf("%s: %w: %w", op, ErrBroken, s.broken)
+	}
+	return nil
+}
+
+// SendPages sends page data at a guest-physical offset (page aligned,
+// multiple pages). Large data is cut into frames of wire.MaxData. The pages
+// count as unacknowledged until the epoch they went into is committed: if
+// the send fails, they stay recorded for Reconnect.
+func (s *Stream) SendPages(ctx context.Context, off int64, data []byte) error {
+	op := fmt.Sprintf("send %d bytes at %d for %s", len(data), off, s.cfg.VMID)
+	if off < 0 || off%wire.PageSize != 0 || len(data)%wire.PageSize != 0 || off+int64(len(data)) > s.cfg.ImageSize {
+		return fmt.Errorf("%s: not page aligned or outside image of %d: %w", op, s.cfg.ImageSize, wire.ErrMalformed)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// Record first: whatever happens next, these pages are owed.
+	s.sent[s.epoch].AddRange(off/wire.PageSize, int64(len(data))/wire.PageSize)
+	if err := s.usableLocked(op); err != nil {
+		return err
+	}
+	// A send blocks while the backup is slower than the guest (that is
+	// the throttle); cancelling ctx unblocks it by failing the write, which
+	// breaks the stream: a frame cannot be half sent.
+	c := s.conn
+	stop := context.AfterFunc(ctx, func() { c.SetWriteDeadline(time.Unix(1, 0)) })
+	defer stop()
+	return s.sendLocked(op, off, data)
+}
+
+func (s *Stream) sendLocked(op string, off int64, data []byte) error {
+	if s.epochT0.IsZero() {
+		s.epochT0 = time.Now()
+	}
+	for len(data) > 0 {
+		n := min(len(data), wire.MaxData)
+		chunk := data[:n]
+		c := wire.Checksum(chunk)
+		if err := s.w.Write(&wire.Extent{Epoch: s.epoch, Offset: uint64(off), CRC: c, Data: chunk}); err != nil {
+			return fmt.Errorf("%s: %w", op, s.breakLocked(err))
+		}
+		s.count++
+		s.bytes += uint64(n)
+		s.total += int64(n)
+		s.digest = wire.UpdateChecksum(s.digest, binary.BigEndian.AppendUint32(nil, c))
+		data, off = data[n:], off+int64(n)
+	}
+	return nil
+}
+
+// SendDeviceState sends the device-state blob of the current epoch. Call
+// it once per restore point, after the VM is paused and its pages flushed.
+func (s *Stream) SendDeviceState(ctx context.Context, blob []byte) error {
+	op := fmt.Sprintf("send device state (%d bytes) for %s", len(blob), s.cfg.VMID)
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usableLocked(op); err != nil {
+		return err
+	}
+	if s.stateLen != 0 {
+		return fmt.Errorf("%s: epoch %d already has device state", op, s.epoch)
+	}
+	for off := 0; off < len(blob); {
+		n := min(len(blob)-off, wire.MaxData)
+		chunk := blob[off : off+n]
+		if err := s.w.Write(&wire.StateChunk{Epoch: s.epoch, Offset: uint64(off), CRC: wire.Checksum(chunk), Data: chunk}); err != nil {
+			return fmt.Errorf("%s: %w", op, s.breakLocked(err))
+		}
+		s.stateCRC = wire.UpdateChecksum(s.stateCRC, chunk)
+		off += n
+	}
+	s.stateLen = uint64(len(blob))
+	return nil
+}
+
+// Flush pushes buffered frames to the network. It does not wait for the
+// backup: durability is Commit's.
+func (s *Stream) Flush(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	op := "flush stream of " + s.cfg.VMID
+	if err := s.usableLocked(op); err != nil {
+		return err
+	}
+	if err := s.w.Flush(); err != nil {
+		return fmt.Errorf("%s: %w", op, s.breakLocked(err))
+	}
+	return nil
+}
+
+// Commit closes the current epoch and waits until the backup has made it
+// durable. restorable marks a restore point (VM paused, device state sent).
+// Pages may be sent concurrently; they go into the next epoch.
+func (s *Stream) Commit(ctx context.Context, restorable bool) (uint64, error) {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	s.mu.Lock()
+	op := fmt.Sprintf("commit epoch %d of %s", s.epoch, s.cfg.VMID)
+	if err := s.usableLocked(op); err != nil {
+		s.mu.Unlock()
+		return 0, err
+	}
+	e := s.epoch
+	cm := &wire.Commit{Epoch: e, Extents: s.count, Bytes: s.bytes, Digest: s.digest, StateLen: s.stateLen, StateCRC: s.stateCRC, Restorable: restorable}
+	err := s.w.Write(cm)
+	if err == nil {
+		err = s.w.Flush()
+	}
+	if err != nil {
+		err = s.breakLocked(err)
+		s.mu.Unlock()
+		return 0, fmt.Errorf("%s: %w", op, err)
+	}
+	bytes, t0 := s.bytes, s.epochT0
+	s.epoch++
+	s.startEpoch()
+	acks := s.acks
+	s.mu.Unlock()
+
+	select {
+	case a := <-acks:
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if a.err != nil {
+			return 0, fmt.Errorf("%s: %w", op, s.breakLocked(a.err))
+		}
+		if a.epoch != e {
+			return 0, fmt.Errorf("%s: backup acknowledged epoch %d: %w", op, a.epoch, s.breakLocked(wire.ErrMalformed))
+		}
+		s.ackLocked(e, bytes, t0)
+		return e, nil
+	case <-ctx.Done():
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		// The ack may still come, but we cannot tell which epoch a late
+		// one belongs to any more: start over on a new connection.
+		return 0, fmt.Errorf("%s: %w", op, s.breakLocked(ctx.Err()))
+	}
+}
+
+// ackLocked forgets the pages of acknowledged epochs and updates the
+// bandwidth estimate from this epoch: bytes over the time from its first
+// send to its durable ack, which includes the backup's fsync.
+func (s *Stream) ackLocked(e, bytes uint64, t0 time.Time) {
+	for k := range s.sent {
+		if k <= e {
+			delete(s.sent, k)
+		}
+	}
+	s.acked = e
+	if !t0.IsZero() && bytes >= 1<<20 {
+		b := float64(bytes) / time.Since(t0).Seconds()
+		if s.bw == 0 {
+			s.bw = b
+		} else {
+			s.bw = 0.7*s.bw + 0.3*b
+		}
+	}
+}
+
+// Bandwidth is the measured rate at which the backup makes pages durable,
+// in bytes per second (0 before the first large commit).
+func (s *Stream) Bandwidth() float64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.bw
+}
+
+// Stats is a snapshot of the stream's counters.
+type Stats struct {
+	Acked        uint64 // last acknowledged epoch
+	Epoch        uint64 // epoch being sent
+	BytesSent    int64
+	PendingPages int64 // sent or owed, not yet acknowledged
+	Broken       bool
+}
+
+// Stats returns the counters.
+func (s *Stream) Stats() Stats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return Stats{Acked: s.acked, Epoch: s.epoch, BytesSent: s.total, PendingPages: s.pendingLocked().Count(), Broken: s.broken != nil}
+}
+
+func (s *Stream) pendingLocked() *pageset.Set {
+	p := pageset.New(s.cfg.ImageSize / wire.PageSize)
+	for _, set := range s.sent {
+		p.Union(set)
+	}
+	return p
+}
+
+// Reconnect replaces a broken (or suspect) connection and resyncs: every
+// page not covered by an acknowledged commit is read from Config.Source and
+// sent again in the epoch after the backup's last committed one. If the
+// backup has lost commits it had acknowledged (a new or wiped server), the
+// whole image is sent. Device state of a failed restore point is not kept:
+// send it again, then Commit.
+func (s *Stream) Reconnect(ctx context.Context) error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	op := "reconnect backup stream of " + s.cfg.VMID
+	if s.closed {
+		return fmt.Errorf("%s: %w", op, ErrClosed)
+	}
+	s.conn.Close()
+	<-s.readerEnd
+	c, committed, err := s.dial(ctx, s.acked+1)
+	if err != nil {
+		s.broken = err
+		return err
+	}
+	s.attach(c)
+	pending := s.pendingLocked()
+	full := committed < s.acked
+	if full {
+		s.log.Warn("backup lost acknowledged epochs: full resync", "backup_committed", committed, "acked", s.acked)
+		pending.AddRange(0, pending.Len())
+	}
+	s.sent = map[uint64]*pageset.Set{}
+	s.acked, s.epoch = committed, committed+1
+	s.startEpoch()
+	if pending.Count() > 0 && s.cfg.Source == nil {
+		return fmt.Errorf("%s: %d pages to resend and no source", op, pending.Count())
+	}
+	buf := make([]byte, wire.MaxData)
+	var rerr error
+	var resent int64
+	pending.Runs(wire.MaxData/wire.PageSize, func(first, n int64) bool {
+		if rerr = ctx.Err(); rerr != nil {
+			return false
+		}
+		b := buf[:n*wire.PageSize]
+		if _, rerr = s.cfg.Source.ReadAt(b, first*wire.PageSize); rerr != nil {
+			rerr = fmt.Errorf("read source: %w", rerr)
+			return false
+		}
+		if full && committed == 0 && allZero(b) {
+			return true // a new backup image reads zero there anyway
+		}
+		s.sent[s.epoch].AddRange(first, n)
+		rerr = s.sendLocked(op, first*wire.PageSize, b)
+		resent += int64(len(b))
+		return rerr == nil
+	})
+	if rerr != nil {
+		return fmt.Errorf("%s: resync: %w", op, rerr)
+	}
+	if err := s.w.Flush(); err != nil {
+		return fmt.Errorf("%s: resync: %w", op, s.breakLocked(err))
+	}
+	s.log.Info("backup stream reconnected", "backup_committed", committed, "resent_bytes", resent)
+	return nil
+}
+
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.NativeEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// Close ends the stream; an uncommitted epoch is discarded by the backup.
+func (s *Stream) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	err := s.conn.Close()
+	<-s.readerEnd
+	return err
+}
+
+// WritePages and Flush make a Stream a memfs sink: the dirty-page stream
+// of the VM's RAM file goes straight to the backup.
+func (s *Stream) WritePages(ctx context.Context, off int64, data []byte) error {
+	return s.SendPages(ctx, off, data)
+}
