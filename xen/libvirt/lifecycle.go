@@ -1,0 +1,189 @@
+package libvirt
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	golibvirt "libvirt.org/go/libvirt"
+
+	"hostd/xen"
+)
+
+// DefaultShutdownTimeout applies when Shutdown is given no timeout.
+const DefaultShutdownTimeout = 60 * time.Second
+
+// statePoll is how often Shutdown re-reads the state while it waits.
+const statePoll = 200 * time.Millisecond
+
+// Define validates spec and makes it a persistent domain. Nothing is
+// defined when it fails.
+func (d *Driver) Define(ctx context.Context, spec xen.DomainSpec) error {
+	op := fmt.Sprintf("define domain %q", spec.Name)
+	if err := validateSpec(spec, d.lim); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	spec, err := normalize(spec)
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	doc, err := domainXML(spec, xmlOptions{
+		DomainType:         d.domainType(),
+		BalloonStatsPeriod: uint(d.cfg.BalloonStatsPeriod / time.Second),
+		TapExists:          tapExists,
+	})
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	err = d.call(ctx, op, func(conn *golibvirt.Connect) error {
+		// libvirt redefines (updates) a domain whose name and UUID match,
+		// so an existing name must be refused here, not by libvirt.
+		if dom, err := conn.LookupDomainByName(spec.Name); err == nil {
+			dom.Free()
+			return fmt.Errorf("%w: pick another name or undefine the old domain", xen.ErrExists)
+		}
+		if dom, err := conn.LookupDomainByUUIDString(spec.UUID); err == nil {
+			other, _ := dom.GetName()
+			dom.Free()
+			return fmt.Errorf("%w: uuid %s is domain %q's; leave uuid empty to get a fresh one", xen.ErrExists, spec.UUID, other)
+		}
+		dom, err := conn.DomainDefineXMLFlags(doc, golibvirt.DOMAIN_DEFINE_VALIDATE)
+		if err != nil {
+			return err
+		}
+		return dom.Free()
+	})
+	if err != nil {
+		return err
+	}
+	d.log.Info("domain defined", "domain", spec.Name, "uuid", spec.UUID, "accel", d.accel,
+		"vcpus", spec.VCPUs, "memory_mib", spec.MemoryMiB, "incoming", spec.Incoming)
+	return nil
+}
+
+// Start boots a defined domain; a domain defined with Incoming starts
+// paused, its QEMU waiting for migrate-incoming.
+func (d *Driver) Start(ctx context.Context, name string) error {
+	return d.withDomain(ctx, "start", name, func(_ *golibvirt.Connect, dom *golibvirt.Domain) error {
+		spec, err := domainSpec(dom)
+		if err != nil {
+			return err
+		}
+		flags := golibvirt.DOMAIN_NONE
+		if spec != nil && spec.Incoming {
+			// Without it libvirt would "cont" a QEMU that has no state yet.
+			flags = golibvirt.DOMAIN_START_PAUSED
+		}
+		if err := dom.CreateWithFlags(flags); err != nil {
+			if libvirtCode(err) == golibvirt.ERR_OPERATION_INVALID {
+				return fmt.Errorf("%w: it is already running", err)
+			}
+			return err
+		}
+		d.log.Info("domain started", "domain", name, "paused", flags == golibvirt.DOMAIN_START_PAUSED)
+		return nil
+	})
+}
+
+// Shutdown presses the ACPI power button and waits until the domain is off.
+// After timeout (DefaultShutdownTimeout if zero) it returns an error
+// wrapping xen.ErrState and leaves the domain running; Destroy is then the
+// caller's decision.
+func (d *Driver) Shutdown(ctx context.Context, name string, timeout time.Duration) error {
+	if timeout <= 0 {
+		timeout = DefaultShutdownTimeout
+	}
+	op := fmt.Sprintf("shut down domain %q", name)
+	err := d.withDomain(ctx, "shut down", name, func(_ *golibvirt.Connect, dom *golibvirt.Domain) error {
+		return dom.ShutdownFlags(golibvirt.DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+	})
+	if err != nil {
+		return err
+	}
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(statePoll)
+	defer tick.Stop()
+	for {
+		info, err := d.Domain(ctx, name)
+		if err != nil {
+			return fmt.Errorf("%s: %w", op, err)
+		}
+		if info.State == xen.StateShutoff {
+			d.log.Info("domain shut down", "domain", name)
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: %w", op, ctx.Err())
+		case <-deadline.C:
+			return fmt.Errorf("%s: %w: still %s after %s; the guest ignores ACPI power-off, destroy it instead",
+				op, xen.ErrState, info.State, timeout)
+		case <-tick.C:
+		}
+	}
+}
+
+// Destroy stops a domain at once. A stopped domain is left alone.
+func (d *Driver) Destroy(ctx context.Context, name string) error {
+	return d.withDomain(ctx, "destroy", name, func(_ *golibvirt.Connect, dom *golibvirt.Domain) error {
+		err := dom.DestroyFlags(golibvirt.DOMAIN_DESTROY_DEFAULT)
+		if libvirtCode(err) == golibvirt.ERR_OPERATION_INVALID {
+			return nil // not running
+		}
+		if err == nil {
+			d.log.Info("domain destroyed", "domain", name)
+		}
+		return err
+	})
+}
+
+// Undefine removes a stopped domain's definition. It refuses a running one
+// (libvirt would make it transient instead, and it would vanish on stop).
+func (d *Driver) Undefine(ctx context.Context, name string) error {
+	return d.withDomain(ctx, "undefine", name, func(_ *golibvirt.Connect, dom *golibvirt.Domain) error {
+		active, err := dom.IsActive()
+		if err != nil {
+			return err
+		}
+		if active {
+			return fmt.Errorf("%w: it is running; shut it down or destroy it first", xen.ErrState)
+		}
+		err = dom.UndefineFlags(golibvirt.DOMAIN_UNDEFINE_MANAGED_SAVE |
+			golibvirt.DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | golibvirt.DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+		if err == nil {
+			d.log.Info("domain undefined", "domain", name)
+		}
+		return err
+	})
+}
+
+// Suspend pauses a domain's vCPUs.
+func (d *Driver) Suspend(ctx context.Context, name string) error {
+	return d.withDomain(ctx, "suspend", name, func(_ *golibvirt.Connect, dom *golibvirt.Domain) error {
+		return dom.Suspend()
+	})
+}
+
+// Resume continues a paused domain, including one restored through
+// migrate-incoming.
+func (d *Driver) Resume(ctx context.Context, name string) error {
+	return d.withDomain(ctx, "resume", name, func(_ *golibvirt.Connect, dom *golibvirt.Domain) error {
+		return dom.Resume()
+	})
+}
+
+// domainSpec reads hostd's spec from a domain's metadata; nil, nil for a
+// domain hostd did not make.
+func domainSpec(dom *golibvirt.Domain) (*xen.DomainSpec, error) {
+	elem, err := dom.GetMetadata(golibvirt.DOMAIN_METADATA_ELEMENT, MetadataNamespace, golibvirt.DOMAIN_AFFECT_CURRENT)
+	if err != nil {
+		var lverr golibvirt.Error
+		if errors.As(err, &lverr) && lverr.Code == golibvirt.ERR_NO_DOMAIN_METADATA {
+			return nil, nil
+		}
+		return nil, err
+	}
+	return parseSpecMetadata(elem)
+}
