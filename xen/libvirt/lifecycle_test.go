@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -160,4 +162,108 @@ func TestLifecycle(t *testing.T) {
 		}
 	}
 	t.Fatal("events channel not closed after its context ended")
+}
+
+// TestErrors checks the sentinels callers branch on, against the real
+// libvirtd, and that a refused define leaves nothing behind.
+func TestErrors(t *testing.T) {
+	g := testGuest(t)
+	d := newTestDriver(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	missing := "t-xen-missing-" + uniqueName(t)[len("t-xen-"):]
+	for op, call := range map[string]func() error{
+		"Start":     func() error { return d.Start(ctx, missing) },
+		"Shutdown":  func() error { return d.Shutdown(ctx, missing, time.Second) },
+		"Destroy":   func() error { return d.Destroy(ctx, missing) },
+		"Undefine":  func() error { return d.Undefine(ctx, missing) },
+		"Suspend":   func() error { return d.Suspend(ctx, missing) },
+		"Resume":    func() error { return d.Resume(ctx, missing) },
+		"SetMemory": func() error { return d.SetMemory(ctx, missing, 64) },
+		"Domain":    func() error { _, err := d.Domain(ctx, missing); return err },
+		"Stats":     func() error { _, err := d.Stats(ctx, missing); return err },
+		"Command":   func() error { _, err := d.Command(ctx, missing, "query-status", nil); return err },
+	} {
+		err := call()
+		if !errors.Is(err, xen.ErrNotFound) || !strings.Contains(err.Error(), missing) {
+			t.Errorf("%s of an unknown domain: want ErrNotFound naming it, got %v", op, err)
+		}
+	}
+
+	// A nonexistent kernel is refused before libvirt sees anything.
+	name := uniqueName(t)
+	dir := shortTempDir(t)
+	spec := guestSpec(t, g, name, dir)
+	cleanupDomain(t, d, name)
+	bad := spec
+	bad.Kernel = filepath.Join(dir, "no-such-vmlinuz")
+	err := d.Define(ctx, bad)
+	if !errors.Is(err, xen.ErrInvalidSpec) || !strings.Contains(err.Error(), "no-such-vmlinuz") {
+		t.Fatalf("Define with a missing kernel: want ErrInvalidSpec naming it, got %v", err)
+	}
+	if _, err := d.Domain(ctx, name); !errors.Is(err, xen.ErrNotFound) {
+		t.Fatalf("refused define left a domain behind: %v", err)
+	}
+
+	// Duplicate names and UUIDs.
+	if err := d.Define(ctx, spec); err != nil {
+		t.Fatalf("Define: %v", err)
+	}
+	if err := d.Define(ctx, spec); !errors.Is(err, xen.ErrExists) {
+		t.Fatalf("second Define of %s: want ErrExists, got %v", name, err)
+	}
+	info, err := d.Domain(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := spec
+	other.Name = uniqueName(t)
+	other.UUID = info.UUID
+	cleanupDomain(t, d, other.Name)
+	if err := d.Define(ctx, other); !errors.Is(err, xen.ErrExists) || !strings.Contains(err.Error(), name) {
+		t.Fatalf("Define reusing %s's uuid: want ErrExists naming it, got %v", name, err)
+	}
+
+	// State errors on a defined, stopped domain.
+	for op, call := range map[string]func() error{
+		"Suspend":   func() error { return d.Suspend(ctx, name) },
+		"Resume":    func() error { return d.Resume(ctx, name) },
+		"Shutdown":  func() error { return d.Shutdown(ctx, name, time.Second) },
+		"SetMemory": func() error { return d.SetMemory(ctx, name, 64) },
+		"Stats":     func() error { _, err := d.Stats(ctx, name); return err },
+	} {
+		if err := call(); !errors.Is(err, xen.ErrState) {
+			t.Errorf("%s of a stopped domain: want ErrState, got %v", op, err)
+		}
+	}
+	if _, err := d.Command(ctx, name, "query-status", nil); !errors.Is(err, xen.ErrState) {
+		t.Errorf("monitor command on a stopped domain: want ErrState, got %v", err)
+	}
+
+	// A done context stops a call before it reaches libvirt.
+	cctx, ccancel := context.WithCancel(ctx)
+	ccancel()
+	if _, err := d.Domain(cctx, name); !errors.Is(err, context.Canceled) {
+		t.Errorf("Domain with a cancelled context: got %v", err)
+	}
+
+	// List shows it, with its spec; the list holds whatever else the
+	// shared libvirtd has, too.
+	list, err := d.List(ctx)
+	if err != nil {
+		t.Fatalf("List: %v", err)
+	}
+	found := false
+	for _, di := range list {
+		if di.Name == name {
+			found = true
+			if di.Spec == nil || di.Spec.Name != name || di.State != xen.StateShutoff {
+				t.Errorf("List entry %+v", di)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("List lacks %s", name)
+	}
 }

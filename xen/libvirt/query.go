@@ -150,75 +150,26 @@ func (d *Driver) SetMemory(ctx context.Context, name string, mib uint64) error {
 	})
 }
 
+// stateName maps libvirt's state and reason numbers to xen's names. The
+// reason lists follow libvirt-domain.h's enums, which count from 0
+// (unknown); TestStateName checks them against the binding's constants.
 func stateName(st golibvirt.DomainState, reason int) (xen.State, string) {
 	switch st {
 	case golibvirt.DOMAIN_RUNNING, golibvirt.DOMAIN_BLOCKED:
-		return xen.StateRunning, lookup(runningReasons, reason)
+		return xen.StateRunning, pick(reason, "", "booted", "migrated", "restored", "from_snapshot", "unpaused",
+			"migration_canceled", "save_canceled", "wakeup", "crashed", "postcopy", "postcopy_failed")
 	case golibvirt.DOMAIN_PAUSED:
-		return xen.StatePaused, lookup(pausedReasons, reason)
+		return xen.StatePaused, pick(reason, "", "user", "migration", "save", "dump", "ioerror", "watchdog",
+			"from_snapshot", "shutting_down", "snapshot", "crashed", "starting_up", "postcopy", "postcopy_failed", "api_error")
 	case golibvirt.DOMAIN_SHUTDOWN:
-		return xen.StateShutdown, lookup(shutdownReasons, reason)
+		return xen.StateShutdown, pick(reason, "", "user")
 	case golibvirt.DOMAIN_SHUTOFF:
-		return xen.StateShutoff, lookup(shutoffReasons, reason)
+		return xen.StateShutoff, pick(reason, "", "shutdown", "destroyed", "crashed", "migrated", "saved", "failed",
+			"from_snapshot", "daemon")
 	case golibvirt.DOMAIN_CRASHED:
-		return xen.StateCrashed, lookup(crashedReasons, reason)
+		return xen.StateCrashed, pick(reason, "", "panicked")
 	case golibvirt.DOMAIN_PMSUSPENDED:
 		return xen.StatePMSuspended, ""
 	}
 	return xen.StateUnknown, ""
 }
-
-func lookup(m map[int]string, k int) string {
-	if s, ok := m[k]; ok {
-		return s
-	}
-	return ""
-}
-
-var (
-	runningReasons = map[int]string{
-		int(golibvirt.DOMAIN_RUNNING_BOOTED):             "booted",
-		int(golibvirt.DOMAIN_RUNNING_MIGRATED):           "migrated",
-		int(golibvirt.DOMAIN_RUNNING_RESTORED):           "restored",
-		int(golibvirt.DOMAIN_RUNNING_FROM_SNAPSHOT):      "from_snapshot",
-		int(golibvirt.DOMAIN_RUNNING_UNPAUSED):           "unpaused",
-		int(golibvirt.DOMAIN_RUNNING_MIGRATION_CANCELED): "migration_canceled",
-		int(golibvirt.DOMAIN_RUNNING_SAVE_CANCELED):      "save_canceled",
-		int(golibvirt.DOMAIN_RUNNING_WAKEUP):             "wakeup",
-		int(golibvirt.DOMAIN_RUNNING_CRASHED):            "crashed",
-		int(golibvirt.DOMAIN_RUNNING_POSTCOPY):           "postcopy",
-		int(golibvirt.DOMAIN_RUNNING_POSTCOPY_FAILED):    "postcopy_failed",
-	}
-	pausedReasons = map[int]string{
-		int(golibvirt.DOMAIN_PAUSED_USER):            "user",
-		int(golibvirt.DOMAIN_PAUSED_MIGRATION):       "migration",
-		int(golibvirt.DOMAIN_PAUSED_SAVE):            "save",
-		int(golibvirt.DOMAIN_PAUSED_DUMP):            "dump",
-		int(golibvirt.DOMAIN_PAUSED_IOERROR):         "ioerror",
-		int(golibvirt.DOMAIN_PAUSED_WATCHDOG):        "watchdog",
-		int(golibvirt.DOMAIN_PAUSED_FROM_SNAPSHOT):   "from_snapshot",
-		int(golibvirt.DOMAIN_PAUSED_SHUTTING_DOWN):   "shutting_down",
-		int(golibvirt.DOMAIN_PAUSED_SNAPSHOT):        "snapshot",
-		int(golibvirt.DOMAIN_PAUSED_CRASHED):         "crashed",
-		int(golibvirt.DOMAIN_PAUSED_STARTING_UP):     "starting_up",
-		int(golibvirt.DOMAIN_PAUSED_POSTCOPY):        "postcopy",
-		int(golibvirt.DOMAIN_PAUSED_POSTCOPY_FAILED): "postcopy_failed",
-		int(golibvirt.DOMAIN_PAUSED_API_ERROR):       "api_error",
-	}
-	shutdownReasons = map[int]string{
-		int(golibvirt.DOMAIN_SHUTDOWN_USER): "user",
-	}
-	shutoffReasons = map[int]string{
-		int(golibvirt.DOMAIN_SHUTOFF_SHUTDOWN):      "shutdown",
-		int(golibvirt.DOMAIN_SHUTOFF_DESTROYED):     "destroyed",
-		int(golibvirt.DOMAIN_SHUTOFF_CRASHED):       "crashed",
-		int(golibvirt.DOMAIN_SHUTOFF_MIGRATED):      "migrated",
-		int(golibvirt.DOMAIN_SHUTOFF_SAVED):         "saved",
-		int(golibvirt.DOMAIN_SHUTOFF_FAILED):        "failed",
-		int(golibvirt.DOMAIN_SHUTOFF_FROM_SNAPSHOT): "from_snapshot",
-		int(golibvirt.DOMAIN_SHUTOFF_DAEMON):        "daemon",
-	}
-	crashedReasons = map[int]string{
-		int(golibvirt.DOMAIN_CRASHED_PANICKED): "panicked",
-	}
-)
