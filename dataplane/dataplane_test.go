@@ -22,7 +22,7 @@ func forBackends(t *testing.T, fn func(t *testing.T, b Backend)) {
 }
 
 // twoHosts: vmA on h1 and vmB on h2, joined by connector 42.
-func twoHosts(t *testing.T, b Backend, mtu int, ipv6 bool) (*testNet, *testHost, *testHost, *testVM, *testVM) {
+func twoHosts(t testing.TB, b Backend, mtu int, ipv6 bool) (*testNet, *testHost, *testHost, *testVM, *testVM) {
 	n := newTestNet(t, b, mtu, ipv6)
 	h1, h2 := n.addHost("h1", 1), n.addHost("h2", 2)
 	a := n.addVM(h1, "vma", "tapa", "02:00:00:00:00:0a", "10.0.0.1")

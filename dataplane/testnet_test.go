@@ -150,7 +150,7 @@ sysctl -qw net.ipv4.icmp_echo_ignore_broadcasts=0
 ip link set eth0 address %s mtu %d up
 ip addr add %s/24 dev eth0`, mac, host.dp.MTU(), ip))
 	n.sh(host.ns, "ip link set "+tap+" up")
-	n.startEcho(vm)
+	n.startEcho(vm, ip)
 	return vm
 }
 
@@ -160,11 +160,11 @@ func (vm *testVM) ep() Endpoint { return Endpoint{Host: vm.host.addr, Device: vm
 // so they need no ping binary and can send full-MTU probes with DF set.
 const echoPort = 7
 
-// startEcho runs vm's UDP echo server until the test ends.
-func (n *testNet) startEcho(vm *testVM) {
+// startEcho runs vm's UDP echo server on ip until the test ends.
+func (n *testNet) startEcho(vm *testVM, ip string) {
 	n.tb.Helper()
 	var pc net.PacketConn
-	if err := inNetns(vm.h, func() (err error) { pc, err = net.ListenPacket("udp4", fmt.Sprintf("%s:%d", vm.ip, echoPort)); return }); err != nil {
+	if err := inNetns(vm.h, func() (err error) { pc, err = net.ListenPacket("udp4", fmt.Sprintf("%s:%d", ip, echoPort)); return }); err != nil {
 		n.tb.Fatalf("echo server in %s: %v", vm.name, err)
 	}
 	done := make(chan struct{})
@@ -193,7 +193,7 @@ func (n *testNet) pinger(vm *testVM, dst string) *pinger {
 	n.tb.Helper()
 	var c *net.UDPConn
 	err := inNetns(vm.h, func() (err error) {
-		c, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.ParseIP(vm.ip)})
+		c, err = net.ListenUDP("udp4", nil)
 		if err != nil {
 			return err
 		}
