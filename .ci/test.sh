@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test suite behind `make test`. Packages run one at a time (-p 1): the
+# integration tests share the machine's libvirtd (one of them restarts it),
+# and TCG guests want both cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export GOFLAGS="${GOFLAGS:--mod=mod -buildvcs=false}"
+go vet ./...
+go test -count=1 -p 1 -timeout 75m ./... 2>&1 | tee build/test.log

@@ -1,0 +1,69 @@
+// Command hostd is the host agent of a blanket hypervisor: it owns the nested
+// VMs of this host and serves the scheduler on a unix socket.
+//
+//	hostd [-config /etc/hostd/hostd.toml]
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"hostd/hostd/config"
+	"hostd/hostd/daemon"
+	"hostd/xen"
+	"hostd/xen/libvirt"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	cfgPath := flag.String("config", "/etc/hostd/hostd.toml", "configuration file (missing: all defaults)")
+	showVersion := flag.Bool("version", false, "print the version and exit")
+	flag.Parse()
+	if *showVersion {
+		fmt.Println(version)
+		return
+	}
+	cfg, err := config.Load(*cfgPath, true)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "hostd:", err)
+		os.Exit(2)
+	}
+	log := newLogger(cfg.Log)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	err = daemon.Run(ctx, daemon.Options{
+		Config: cfg, Log: log, Version: version,
+		NewHypervisor: func(ctx context.Context) (xen.Hypervisor, error) {
+			return libvirt.New(ctx, libvirt.Config{
+				URI:         cfg.Hypervisor.URI,
+				Accel:       xen.Accel(cfg.Hypervisor.Accel),
+				Logger:      log,
+				ProbeKernel: cfg.Guest.Kernel,
+				ProbeInitrd: cfg.Guest.Initrd,
+				ProbeDir:    cfg.RunDir,
+			})
+		},
+	})
+	if err != nil {
+		log.Error("hostd failed", "err", err)
+		os.Exit(1)
+	}
+}
+
+func newLogger(c config.Log) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if c.Format == "text" {
+		return slog.New(slog.NewTextHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+}
