@@ -18,11 +18,17 @@ type line struct {
 	done chan struct{} // closed once written; nil for fire-and-forget
 }
 
+// openConsole writes to /dev/console, or to stdout (which /init also
+// points at the console) if that cannot be opened.
 func openConsole() *console {
 	var w io.Writer = os.Stdout
 	if f, err := os.OpenFile("/dev/console", os.O_WRONLY|os.O_APPEND, 0); err == nil {
 		w = f
 	}
+	return newConsole(w)
+}
+
+func newConsole(w io.Writer) *console {
 	c := &console{lines: make(chan line, 256)}
 	go func() {
 		for l := range c.lines {

@@ -77,6 +77,17 @@ func (a *agent) stats() (agentapi.StatsResult, error) {
 	}
 	a.mu.Unlock()
 	sort.Strings(names)
+	mods, err := os.ReadFile("/proc/modules")
+	if err != nil {
+		return agentapi.StatsResult{}, fmt.Errorf("stats: %w", err)
+	}
+	var modules []string
+	for _, l := range strings.Split(strings.TrimSpace(string(mods)), "\n") {
+		if f := strings.Fields(l); len(f) > 0 {
+			modules = append(modules, f[0])
+		}
+	}
+	sort.Strings(modules)
 	return agentapi.StatsResult{
 		UptimeMS:        uptimeMS(),
 		Kernel:          a.kernel,
@@ -87,6 +98,7 @@ func (a *agent) stats() (agentapi.StatsResult, error) {
 		MemTotalKiB:     mi["MemTotal"],
 		MemAvailableKiB: mi["MemAvailable"],
 		Goroutines:      runtime.NumGoroutine(),
+		Modules:         modules,
 	}, nil
 }
 

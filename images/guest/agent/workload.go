@@ -123,6 +123,10 @@ func (a *agent) checksum(region string) (agentapi.ChecksumResult, error) {
 		return agentapi.ChecksumResult{}, err
 	}
 	w.mu.Lock()
+	if w.mem == nil {
+		w.mu.Unlock()
+		return agentapi.ChecksumResult{}, fmt.Errorf("checksum %s: region was replaced", region)
+	}
 	sum := sha256.Sum256(w.mem)
 	p, k := w.passesDone, w.pageInPass
 	w.mu.Unlock()
@@ -156,7 +160,11 @@ func (w *workload) status() agentapi.WorkloadStatus {
 	}
 }
 
+// release unmaps the region; holding mu keeps a concurrent checksum from
+// reading unmapped memory.
 func (w *workload) release() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	_ = unix.Munlock(w.mem)
 	_ = unix.Munmap(w.mem)
 	w.mem = nil

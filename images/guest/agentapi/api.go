@@ -139,6 +139,9 @@ type StatsResult struct {
 	MemTotalKiB     uint64   `json:"mem_total_kib"`
 	MemAvailableKiB uint64   `json:"mem_available_kib"`
 	Goroutines      int      `json:"goroutines"`
+	// Modules lists the loaded kernel modules (/proc/modules), so a host
+	// can tell that /init loaded every driver it expects.
+	Modules []string `json:"modules"`
 }
 
 // regionName keeps names short and printable: they appear in logs and in
