@@ -20,10 +20,32 @@ func wrapErr(op string, err error) error {
 	if !errors.As(err, &lverr) {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	if sentinel, hint := classify(lverr); sentinel != nil {
-		return fmt.Errorf("%s: %w: %s (%s): %w", op, sentinel, lverr.Message, hint, lverr)
+	sentinel, hint := classify(lverr)
+	return &opError{op: op, sentinel: sentinel, hint: hint, err: err, msg: lverr.Message}
+}
+
+// opError is a failed libvirt call: "op: sentinel: libvirt's message
+// (hint)". It unwraps to both the sentinel and the libvirt error.
+type opError struct {
+	op       string
+	sentinel error // nil when libvirt's error maps to none
+	hint     string
+	err      error // the chain holding the golibvirt.Error
+	msg      string
+}
+
+func (e *opError) Error() string {
+	if e.sentinel == nil {
+		return e.op + ": " + e.msg
 	}
-	return fmt.Errorf("%s: %s: %w", op, lverr.Message, lverr)
+	return e.op + ": " + e.sentinel.Error() + ": " + e.msg + " (" + e.hint + ")"
+}
+
+func (e *opError) Unwrap() []error {
+	if e.sentinel == nil {
+		return []error{e.err}
+	}
+	return []error{e.sentinel, e.err}
 }
 
 // classify maps a libvirt error to a xen sentinel and a hint on what to do.

@@ -77,7 +77,7 @@ func (d *Driver) Start(ctx context.Context, name string) error {
 		}
 		if err := dom.CreateWithFlags(flags); err != nil {
 			if libvirtCode(err) == golibvirt.ERR_OPERATION_INVALID {
-				return fmt.Errorf("%w: it is already running", err)
+				return fmt.Errorf("%w: it is already running", xen.ErrState)
 			}
 			return err
 		}
