@@ -187,7 +187,8 @@ func nicXML(n xen.NIC, tapExists bool) libvirtxml.DomainInterface {
 	}
 	if tapExists {
 		// Someone else (hostd's dataplane) owns the tap: libvirt uses it as
-		// is and leaves it in place when the domain stops.
+		// is (its MTU too: <mtu> then only sets the guest side) and leaves
+		// it in place when the domain stops.
 		i.Target.Managed = "no"
 	}
 	if n.MTU > 0 {
