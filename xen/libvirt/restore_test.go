@@ -143,4 +143,27 @@ func TestSaveRestore(t *testing.T) {
 		t.Fatalf("serial log shows %d kernel boots, want 1", n)
 	}
 	t.Logf("uptime before %d ms, after restore %d ms", before.UptimeMS, after.UptimeMS)
+
+	// Checkpoint and carry on: a restored domain saves its state again
+	// and resumes, as a periodic checkpoint does.
+	f2, err := os.Create(filepath.Join(dir, "device2.state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f2.Close()
+	if err := d.Suspend(ctx, dst.Name); err != nil {
+		t.Fatalf("Suspend restored: %v", err)
+	}
+	if _, err := mon.SaveDeviceState(ctx, dst.Name, f2); err != nil {
+		t.Fatalf("SaveDeviceState of the restored domain: %v", err)
+	}
+	if err := d.Resume(ctx, dst.Name); err != nil {
+		t.Fatalf("Resume after a save: %v", err)
+	}
+	if again := agentPing(t, dst.AgentSocket); again.UptimeMS < after.UptimeMS {
+		t.Fatalf("uptime went back from %d to %d ms after checkpoint-and-continue", after.UptimeMS, again.UptimeMS)
+	}
+	if caps, err := mon.MigrationCapabilities(ctx, dst.Name); err != nil || !caps["x-ignore-shared"] {
+		t.Fatalf("migration capabilities: %v, %v", caps, err)
+	}
 }
