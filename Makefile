@@ -44,8 +44,12 @@ BENCH := $(GO) test -run '^$$' -bench . -benchtime 1x -count 1 -timeout 60m
 bench-platform: provision guest build
 	$(BENCH) ./hostd/bench/platform/ | tee $(BUILD)/bench-platform.log | grep '^bench:'
 
+# iperf3 measures throughput, socat is the user-space tunnel compared against.
 bench-dataplane: provision
-	@echo "bench-dataplane: see dataplane/"
+	command -v iperf3 >/dev/null && command -v socat >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iperf3 socat; }
+	mkdir -p $(BUILD)
+	$(BENCH) ./dataplane/ 2>&1 | tee $(BUILD)/bench-dataplane.log | grep '^bench:'
 
 clean:
 	rm -rf $(BUILD)
