@@ -1,0 +1,29 @@
+// Package memfs serves one VM's RAM file over FUSE: the file QEMU maps with
+// memory-backend-file,share=on. It is where the memory plane meets the
+// kernel (see design.md, "Guest memory plane"):
+//
+//   - The kernel's writeback of the file is the dirty-page stream. Each FUSE
+//     WRITE is copied (a page redirtied while in flight must not be torn)
+//     into a bounded queue and handed, in order, to a Sink (the backup
+//     stream). When the queue is full the WRITE blocks, writeback stalls,
+//     the mount's dirty pages reach its limit and the kernel throttles the
+//     guest: that is the whole throttle, no guest cooperation needed.
+//   - Each mount is its own backing device (/sys/class/bdi/0:N). Its
+//     max_bytes with strict_limit bounds the file's dirty + under-writeback
+//     page cache; SetDirtyCap sets it from the flush controller's cap.
+//   - fsync of the file is the flush barrier: the kernel writes back every
+//     dirty page, and the FSYNC handler returns once every queued write has
+//     been delivered to the sink and the sink has flushed.
+//   - A read of a page that is not in the page cache goes to a Source: zero
+//     pages for a fresh VM, the backup for a lazy restore.
+//
+// Unflushed memory is therefore bounded by the bdi limit plus the queue:
+// SetDirtyCap(D) sets the bdi to D minus the queue's capacity.
+//
+// The daemon never keeps page contents beyond the queue. A page that was
+// written back is clean in the page cache; if the kernel evicted it, the
+// newest copy would be on the backup only, so memfs refuses to serve such
+// a read (EIO, logged) rather than return stale data. Guests therefore run
+// with their RAM locked (QEMU mem-lock / mlock), which keeps every faulted
+// page resident.
+package memfs

@@ -1,0 +1,172 @@
+// Package memfstest runs the stand-in guest of memfs tests and benchmarks:
+// a separate process that maps a RAM file MAP_SHARED and dirties it, as
+// QEMU does with memory-backend-file,share=on.
+//
+// It must be a separate process. A Go process that faults on pages of a
+// FUSE file it serves itself deadlocks: a thread blocked in a page fault
+// cannot be stopped for garbage collection, so the stop-the-world never
+// ends and the FUSE server goroutines never run again to answer the fault.
+// (The same holds at exit, where unmapping waits for writeback.)
+//
+// Tests call Main from TestMain (the test binary re-executes itself as the
+// writer) and Run to start one.
+package memfstest
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const envSpec = "HOSTD_MEMFSTEST_WRITER"
+
+// Spec says what the writer does.
+type Spec struct {
+	Path string
+	Size int64
+	// Mode: "scribble" writes Count random 64-byte runs (seeded) then
+	// fsyncs; "passes" stores one byte into every page, Passes times over
+	// the whole file, then fsyncs; "read" reads the first 16 bytes of
+	// each page in Pages.
+	Mode   string
+	Seed   uint64
+	Count  int
+	Passes int
+	Pages  []int64
+	// Lock mlocks the mapping, as QEMU's mem-lock does.
+	Lock bool
+	// NoSync skips the final fsync.
+	NoSync bool
+}
+
+// Result is what the writer reports.
+type Result struct {
+	Dirty time.Duration // time spent storing
+	Fsync time.Duration // the final fsync (the flush barrier)
+	Bytes int64         // bytes of pages dirtied (pages x passes x 4096)
+	Heads []string      // "read" mode: first bytes of each page, hex
+	Error string
+}
+
+// Main runs the writer if this process was started as one and exits; it
+// returns otherwise. Call it first in TestMain.
+func Main() {
+	s := os.Getenv(envSpec)
+	if s == "" {
+		return
+	}
+	var spec Spec
+	var res Result
+	if err := json.Unmarshal([]byte(s), &spec); err != nil {
+		res.Error = err.Error()
+	} else {
+		res = run(spec)
+	}
+	b, _ := json.Marshal(res)
+	fmt.Println(string(b))
+	if res.Error != "" {
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+// Pattern returns the expected file content after "scribble" with seed and
+// count on a zeroed file of size bytes (ignoring earlier content: apply to
+// a copy of the previous content).
+func Pattern(prev []byte, seed uint64, count int) {
+	r := rand.New(rand.NewPCG(seed, 7))
+	size := len(prev)
+	for i := 0; i < count; i++ {
+		off := r.IntN(size - 64)
+		v := byte(r.IntN(255) + 1)
+		for j := 0; j < 64; j++ {
+			prev[off+j] = v
+		}
+	}
+}
+
+func run(spec Spec) (res Result) {
+	f, err := os.OpenFile(spec.Path, os.O_RDWR, 0)
+	if err != nil {
+		res.Error = err.Error()
+		return
+	}
+	defer f.Close()
+	m, err := unix.Mmap(int(f.Fd()), 0, int(spec.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		res.Error = "mmap: " + err.Error()
+		return
+	}
+	defer unix.Munmap(m)
+	if spec.Lock {
+		if err := unix.Mlock(m); err != nil {
+			res.Error = "mlock: " + err.Error()
+			return
+		}
+	}
+	t0 := time.Now()
+	switch spec.Mode {
+	case "scribble":
+		r := rand.New(rand.NewPCG(spec.Seed, 7))
+		for i := 0; i < spec.Count; i++ {
+			off := r.IntN(len(m) - 64)
+			v := byte(r.IntN(255) + 1)
+			for j := 0; j < 64; j++ {
+				m[off+j] = v
+			}
+		}
+		res.Bytes = int64(spec.Count) * 64
+	case "passes":
+		for p := 0; p < spec.Passes; p++ {
+			for off := 0; off < len(m); off += 4096 {
+				m[off] = byte(p + 1)
+			}
+		}
+		res.Bytes = int64(spec.Passes) * spec.Size
+	case "read":
+		for _, p := range spec.Pages {
+			res.Heads = append(res.Heads, fmt.Sprintf("%x", m[p*4096:p*4096+16]))
+		}
+	default:
+		res.Error = "unknown mode " + spec.Mode
+		return
+	}
+	res.Dirty = time.Since(t0)
+	if !spec.NoSync {
+		t1 := time.Now()
+		if err := f.Sync(); err != nil {
+			res.Error = "fsync: " + err.Error()
+			return
+		}
+		res.Fsync = time.Since(t1)
+	}
+	return res
+}
+
+// Run starts the writer (this executable, re-executed) and waits for its
+// result. ctx bounds it: a writer stuck on a dead mount is killed.
+func Run(ctx context.Context, spec Spec) (Result, error) {
+	b, _ := json.Marshal(spec)
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$", "-test.bench=^$")
+	cmd.Env = append(os.Environ(), envSpec+"="+string(b))
+	out, err := cmd.Output()
+	var res Result
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if jerr := json.Unmarshal([]byte(lines[len(lines)-1]), &res); jerr != nil {
+		return res, fmt.Errorf("writer %s: %v (output %q)", spec.Mode, err, out)
+	}
+	if res.Error != "" {
+		return res, fmt.Errorf("writer %s: %s", spec.Mode, res.Error)
+	}
+	if err != nil {
+		return res, fmt.Errorf("writer %s: %w", spec.Mode, err)
+	}
+	return res, nil
+}
