@@ -6,16 +6,14 @@ import (
 	"fmt"
 	"log/slog"
 	"math/bits"
-	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
+	"hostd/checkpoint/bdi"
 	"hostd/checkpoint/pageset"
 )
 
@@ -82,7 +80,7 @@ type FS struct {
 	log    *slog.Logger
 	dir    string
 	srv    *fuse.Server
-	bdi    string
+	bdi    bdi.Dev
 	mtime  time.Time
 	ctx    context.Context // ends at unmount; sinks and sources see it
 	cancel context.CancelFunc
@@ -202,13 +200,11 @@ func Mount(ctx context.Context, dir string, opts Options) (*FS, error) {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	go fs.deliver()
-	var st syscall.Stat_t
-	if err := syscall.Stat(dir, &st); err != nil {
+	if fs.bdi, err = bdi.Of(dir); err != nil {
 		fs.Unmount()
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
-	fs.bdi = fmt.Sprintf("/sys/class/bdi/%d:%d", unixMajor(st.Dev), unixMinor(st.Dev))
-	if err := writeSys(filepath.Join(fs.bdi, "strict_limit"), "1"); err != nil {
+	if err := fs.bdi.SetStrictLimit(true); err != nil {
 		fs.Unmount()
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
@@ -216,25 +212,15 @@ func Mount(ctx context.Context, dir string, opts Options) (*FS, error) {
 		fs.Unmount()
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
-	fs.log.Info("mounted", "size", opts.Size, "bdi", fs.bdi, "max_write", opts.MaxWrite, "writeback_cache", !opts.NoWritebackCache)
+	fs.log.Info("mounted", "size", opts.Size, "bdi", fs.bdi.Name, "max_write", opts.MaxWrite, "writeback_cache", !opts.NoWritebackCache)
 	return fs, nil
-}
-
-func unixMajor(dev uint64) uint64 { return (dev>>8)&0xfff | (dev>>32)&^0xfff }
-func unixMinor(dev uint64) uint64 { return dev&0xff | (dev>>12)&^0xff }
-
-func writeSys(path, v string) error {
-	if err := os.WriteFile(path, []byte(v), 0); err != nil {
-		return fmt.Errorf("set %s=%s: %w", path, v, err)
-	}
-	return nil
 }
 
 // Path is the RAM file's path.
 func (fs *FS) Path() string { return filepath.Join(fs.dir, fs.opts.FileName) }
 
-// BDI is the mount's backing-device directory in sysfs.
-func (fs *FS) BDI() string { return fs.bdi }
+// BDI is the mount's backing device.
+func (fs *FS) BDI() bdi.Dev { return fs.bdi }
 
 // QueueBytes is the capacity of the write queue.
 func (fs *FS) QueueBytes() int64 { return fs.opts.QueueBytes }
@@ -249,7 +235,7 @@ func (fs *FS) SetDirtyCap(capBytes int64) error {
 	if limit < 1<<20 {
 		return fmt.Errorf("%s: leaves %d bytes for dirty pages after a %d-byte queue, need at least 1 MiB", op, limit, fs.opts.QueueBytes)
 	}
-	if err := writeSys(filepath.Join(fs.bdi, "max_bytes"), strconv.FormatInt(limit, 10)); err != nil {
+	if err := fs.bdi.SetMaxBytes(limit); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
 	fs.mu.Lock()
@@ -259,13 +245,7 @@ func (fs *FS) SetDirtyCap(capBytes int64) error {
 }
 
 // DirtyLimit reads the bdi's effective max_bytes.
-func (fs *FS) DirtyLimit() (int64, error) {
-	b, err := os.ReadFile(filepath.Join(fs.bdi, "max_bytes"))
-	if err != nil {
-		return 0, fmt.Errorf("read dirty limit: %w", err)
-	}
-	return strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
-}
+func (fs *FS) DirtyLimit() (int64, error) { return fs.bdi.MaxBytes() }
 
 // Stats returns the counters.
 func (fs *FS) Stats() Stats {
@@ -681,38 +661,4 @@ func (s *byteSem) release(n int64) {
 		s.wake = nil
 	}
 	s.mu.Unlock()
-}
-
-// BDIUnflushed reads a backing device's dirty + under-writeback bytes from
-// debugfs (/sys/kernel/debug/bdi/<dev>/stats); ok is false if debugfs is not
-// mounted. It is an observation for tests, benchmarks and metrics: the
-// kernel enforces the limit whether or not anyone looks.
-func BDIUnflushed(bdiDir string) (int64, bool) {
-	return parseBDIStats(filepath.Join("/sys/kernel/debug/bdi", filepath.Base(bdiDir), "stats"))
-}
-
-func parseBDIStats(path string) (int64, bool) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, false
-	}
-	var total int64
-	found := 0
-	for _, line := range strings.Split(string(b), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok || (k != "BdiWriteback" && k != "BdiReclaimable") {
-			continue
-		}
-		f := strings.Fields(v)
-		if len(f) != 2 || f[1] != "kB" {
-			return 0, false
-		}
-		n, err := strconv.ParseInt(f[0], 10, 64)
-		if err != nil {
-			return 0, false
-		}
-		total += n << 10
-		found++
-	}
-	return total, found == 2
 }

@@ -237,7 +237,7 @@ func TestThrottleHoldsCap(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("bdi %s max_bytes %d (asked %d)", fs.BDI(), lim, capBytes-(4<<20))
+	t.Logf("bdi %v max_bytes %d (asked %d)", fs.BDI(), lim, capBytes-(4<<20))
 	stop := make(chan struct{})
 	var peak int64
 	var samples int
@@ -250,7 +250,7 @@ func TestThrottleHoldsCap(t *testing.T) {
 				return
 			case <-time.After(2 * time.Millisecond):
 			}
-			d, ok := BDIUnflushed(fs.BDI())
+			d, ok := fs.BDI().Unflushed()
 			if !ok {
 				return
 			}
@@ -272,14 +272,5 @@ func TestThrottleHoldsCap(t *testing.T) {
 	slack := int64(4 << 20)
 	if peak > lim+slack {
 		t.Fatalf("dirty pages reached %d bytes, limit %d", peak, lim)
-	}
-}
-
-func TestBDIUnflushedParses(t *testing.T) {
-	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "stats"), []byte(strings.Join([]string{
-		"BdiWriteback:            8 kB", "BdiReclaimable:       1024 kB", "BdiDirtyThresh:            0 kB"}, "\n")), 0o600)
-	if n, ok := parseBDIStats(filepath.Join(dir, "stats")); !ok || n != (8+1024)<<10 {
-		t.Fatalf("parsed %d %v", n, ok)
 	}
 }

@@ -23,6 +23,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"hostd/checkpoint/bdi"
 )
 
 const envSpec = "HOSTD_MEMFSTEST_WRITER"
@@ -44,6 +46,9 @@ type Spec struct {
 	Lock bool
 	// NoSync skips the final fsync.
 	NoSync bool
+	// BDI, if set, is the mount's backing device: the writer reads its
+	// dirty + writeback bytes just before the final fsync.
+	BDI string
 }
 
 // Result is what the writer reports.
@@ -52,7 +57,10 @@ type Result struct {
 	Fsync time.Duration // the final fsync (the flush barrier)
 	Bytes int64         // bytes of pages dirtied (pages x passes x 4096)
 	Heads []string      // "read" mode: first bytes of each page, hex
-	Error string
+	// UnflushedAtSync is the BDI's dirty + writeback bytes when the final
+	// fsync began (-1 if not observed).
+	UnflushedAtSync int64
+	Error           string
 }
 
 // Main runs the writer if this process was started as one and exits; it
@@ -139,6 +147,12 @@ func run(spec Spec) (res Result) {
 		return
 	}
 	res.Dirty = time.Since(t0)
+	res.UnflushedAtSync = -1
+	if spec.BDI != "" {
+		if n, ok := (bdi.Dev{Name: spec.BDI}).Unflushed(); ok {
+			res.UnflushedAtSync = n
+		}
+	}
 	if !spec.NoSync {
 		t1 := time.Now()
 		if err := f.Sync(); err != nil {
