@@ -43,11 +43,18 @@ struct {
 	__type(value, struct endpoint);
 } endpoints SEC(".maps");
 
+// One entry per connector with a remote end, keyed by VNI = connector id.
+struct delivery {
+	__u32 ifindex;   // the local endpoint device
+	__u32 flags;     // EP_IPV6
+	__u8 remote[16]; // the one host that may send on this connector
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
-	__type(key, __u32);   // VNI = connector id
-	__type(value, __u32); // ifindex of the local endpoint device
+	__type(key, __u32);
+	__type(value, struct delivery);
 } deliveries SEC(".maps");
 
 // LRU so that frames for connectors this host does not (yet) know, which
@@ -89,7 +96,7 @@ static __always_inline void count(__u32 id, enum dir d, __u64 bytes)
 	}
 }
 
-// Attached to tcx ingress of every local endpoint device: a frame the VM
+// Attached to ingress of every local endpoint device: a frame the VM
 // sent. The whole frame (MAC header, VLAN tag) is carried untouched.
 SEC("tc")
 int endpoint_ingress(struct __sk_buff *skb)
@@ -131,24 +138,42 @@ int endpoint_ingress(struct __sk_buff *skb)
 	return bpf_redirect(vxlan_ifindex, 0);
 }
 
-// Attached to tcx ingress of the host's VXLAN device: a decapsulated frame
-// with its VNI in the tunnel metadata.
+// A connector is point to point: only its peer host may send on it, so a
+// stale or misconfigured host cannot inject frames into it.
+static __always_inline int from_peer(const struct bpf_tunnel_key *key, const struct delivery *dl, int v6)
+{
+	__u32 w[4];
+	if (!v6) {
+		__builtin_memcpy(w, dl->remote, 4);
+		return bpf_ntohl(w[0]) == key->remote_ipv4;
+	}
+	__builtin_memcpy(w, dl->remote, 16);
+	return w[0] == key->remote_ipv6[0] && w[1] == key->remote_ipv6[1] &&
+	       w[2] == key->remote_ipv6[2] && w[3] == key->remote_ipv6[3];
+}
+
+// Attached to ingress of the host's VXLAN device: a decapsulated frame with
+// its VNI and outer source in the tunnel metadata.
 SEC("tc")
 int vxlan_ingress(struct __sk_buff *skb)
 {
 	struct bpf_tunnel_key key = {};
-	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0 &&
-	    bpf_skb_get_tunnel_key(skb, &key, sizeof(key), BPF_F_TUNINFO_IPV6) < 0)
-		return TC_ACT_SHOT;
+	int v6 = 0;
+	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0) {
+		if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), BPF_F_TUNINFO_IPV6) < 0)
+			return TC_ACT_SHOT;
+		v6 = 1;
+	}
 
 	__u32 id = key.tunnel_id;
-	__u32 *ifindex = bpf_map_lookup_elem(&deliveries, &id);
-	if (!ifindex) {
-		// Unknown here: typically in flight while an endpoint moves.
-		// Counted under the id so the loss shows once it is created.
+	struct delivery *dl = bpf_map_lookup_elem(&deliveries, &id);
+	if (!dl || !from_peer(&key, dl, v6)) {
+		// Unknown here, typically in flight while an endpoint moves,
+		// or from a host that is not the peer. Counted under the id,
+		// so a move's loss shows once the connector is created.
 		count(id, DROP, 0);
 		return TC_ACT_SHOT;
 	}
 	count(id, RX, skb->len);
-	return bpf_redirect(*ifindex, 0);
+	return bpf_redirect(dl->ifindex, 0);
 }

@@ -22,6 +22,13 @@ type ConnectorCounters struct {
 	Drops     uint64
 }
 
+type ConnectorDelivery struct {
+	_       structs.HostLayout
+	Ifindex uint32
+	Flags   uint32
+	Remote  [16]uint8
+}
+
 type ConnectorEndpoint struct {
 	_           structs.HostLayout
 	Id          uint32

@@ -6,8 +6,9 @@
 // The contract between C and Go is the set of maps:
 //   - endpoints: local endpoint ifindex -> {connector id, flags, peer ifindex,
 //     remote and local underlay address}; read on every frame a VM sends.
-//   - deliveries: VNI (= connector id) -> local endpoint ifindex; read on
-//     every frame the host's VXLAN device decapsulates.
+//   - deliveries: VNI (= connector id) -> {local endpoint ifindex, the peer
+//     host allowed to send}; read on every frame the host's VXLAN device
+//     decapsulates.
 //   - counters: connector id -> per-CPU packet, byte and drop counters.
 //
 // The loader sets the constant vxlan_ifindex before loading.

@@ -186,7 +186,7 @@ func (d *ebpfDataplane) apply(ctx context.Context, op string, c Connector, exist
 			err = nil
 		}
 	} else {
-		err = d.objs.Deliveries.Put(c.ID, uint32(idx[0]))
+		err = d.objs.Deliveries.Put(c.ID, &bpf.ConnectorDelivery{Ifindex: uint32(idx[0]), Flags: eps[0].Flags, Remote: eps[0].Remote})
 	}
 	if err != nil {
 		return fmt.Errorf("%s connector %d: write delivery map: %w", op, c.ID, err)

@@ -164,3 +164,30 @@ func TestMoveOntoHost(t *testing.T) {
 		}
 	})
 }
+
+// TestForeignSender: a host that is not a connector's peer cannot inject
+// frames into it, even with the right VNI (h3 claims connector 42 towards
+// A on h1 while A's peer is on h2).
+func TestForeignSender(t *testing.T) {
+	forBackends(t, func(t *testing.T, b Backend) {
+		if b == BackendNetdev {
+			t.Skip("the netdev fallback demultiplexes by VNI only and trusts the underlay")
+		}
+		n, h1, _, a, bv := twoHosts(t, b, 1500, false)
+		h3 := n.addHost("h3", 3)
+		c := n.addVM(h3, "vmc", "tapc", "02:00:00:00:00:0c", "10.0.0.3")
+		if err := h3.dp.Create(t.Context(), Connector{ID: 42, A: a.ep(), B: c.ep()}); err != nil {
+			t.Fatal(err)
+		}
+		ra, rb, rc := n.rawSocket(a), n.rawSocket(bv), n.rawSocket(c)
+		forged := frame("ff:ff:ff:ff:ff:ff", "02:00:00:00:00:0c", []uint16{etherExp}, "injected by h3")
+		rc.send(forged)
+		waitFor(t, "h1 to drop the forged frame", func() bool {
+			s, err := h1.dp.Stats(t.Context(), 42)
+			return err == nil && s.Drops >= 1
+		})
+		sentinel := frame("ff:ff:ff:ff:ff:ff", "02:00:00:00:00:0b", []uint16{etherExp}, "from the real peer")
+		rb.send(sentinel)
+		ra.await("A", sentinel, forged)
+	})
+}
