@@ -65,10 +65,15 @@ func (d *Driver) Define(ctx context.Context, spec xen.DomainSpec) error {
 // Start boots a defined domain; a domain defined with Incoming starts
 // paused, its QEMU waiting for migrate-incoming.
 func (d *Driver) Start(ctx context.Context, name string) error {
-	return d.withDomain(ctx, "start", name, func(_ *golibvirt.Connect, dom *golibvirt.Domain) error {
+	return d.withDomain(ctx, "start", name, func(conn *golibvirt.Connect, dom *golibvirt.Domain) error {
 		spec, err := domainSpec(dom)
 		if err != nil {
 			return err
+		}
+		if spec != nil {
+			if err := ramPathFree(conn, name, spec.RAMPath); err != nil {
+				return err
+			}
 		}
 		flags := golibvirt.DOMAIN_NONE
 		if spec != nil && spec.Incoming {
@@ -172,6 +177,36 @@ func (d *Driver) Resume(ctx context.Context, name string) error {
 	return d.withDomain(ctx, "resume", name, func(_ *golibvirt.Connect, dom *golibvirt.Domain) error {
 		return dom.Resume()
 	})
+}
+
+// ramPathFree refuses a RAM file that a running domain already maps: two
+// QEMUs sharing one would silently overwrite each other's guest memory. (A
+// restore target may be defined on the source's file while the source runs;
+// it may only start once the source has stopped.)
+func ramPathFree(conn *golibvirt.Connect, name, ramPath string) error {
+	doms, err := conn.ListAllDomains(golibvirt.CONNECT_LIST_DOMAINS_ACTIVE)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		for i := range doms {
+			doms[i].Free()
+		}
+	}()
+	for i := range doms {
+		other, err := doms[i].GetName()
+		if err != nil || other == name {
+			continue
+		}
+		spec, err := domainSpec(&doms[i])
+		if err != nil || spec == nil {
+			continue // stopped meanwhile, or not hostd's
+		}
+		if spec.RAMPath == ramPath {
+			return fmt.Errorf("%w: its ram_path %s is in use by running domain %q; stop that one first", xen.ErrState, ramPath, other)
+		}
+	}
+	return nil
 }
 
 // domainSpec reads hostd's spec from a domain's metadata; nil, nil for a

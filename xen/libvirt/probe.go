@@ -15,13 +15,17 @@ import (
 	"hostd/xen"
 )
 
-// probeMarkers are serial console lines that prove a Linux kernel got as far
-// as starting user space, which is what "KVM works" has to mean: on some
-// hosts (PVM) /dev/kvm runs real-mode code but a stock kernel never boots.
-var probeMarkers = [][]byte{
-	[]byte("Run /init as init process"),
-	[]byte("Freeing unused kernel image"),
-	[]byte("HOSTD-AGENT READY"),
+// bootedToUserSpace reports whether a serial log shows a Linux kernel that
+// got as far as starting user space, which is what "KVM works" has to mean:
+// on some hosts (PVM) /dev/kvm runs real-mode code but a stock kernel never
+// boots.
+func bootedToUserSpace(log []byte) bool {
+	for _, m := range []string{"Run /init as init process", "Freeing unused kernel image", "HOSTD-AGENT READY"} {
+		if bytes.Contains(log, []byte(m)) {
+			return true
+		}
+	}
+	return false
 }
 
 // resolveAccel settles the accelerator once per driver.
@@ -145,12 +149,8 @@ func (d *Driver) probeKVM(ctx context.Context) error {
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		if out, err := os.ReadFile(log); err == nil {
-			for _, m := range probeMarkers {
-				if bytes.Contains(out, m) {
-					return nil
-				}
-			}
+		if out, err := os.ReadFile(log); err == nil && bootedToUserSpace(out) {
+			return nil
 		}
 		info, err := d.Domain(ctx, name)
 		if err == nil && info.State != xen.StateRunning {

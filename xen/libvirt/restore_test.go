@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -76,6 +77,19 @@ func TestSaveRestore(t *testing.T) {
 	if mi.Status != "completed" || size == 0 || size > 16<<20 {
 		t.Fatalf("save: status %s, state %d bytes (want the device state only: RAM is shared)", mi.Status, size)
 	}
+	// The restore target is defined on the same RAM file while the source
+	// still runs, but may not start before the source has stopped.
+	dst := src
+	dst.Name = uniqueName(t)
+	dst.Incoming = true
+	cleanupDomain(t, d, dst.Name)
+	if err := d.Define(ctx, dst); err != nil {
+		t.Fatalf("Define incoming: %v", err)
+	}
+	if err := d.Start(ctx, dst.Name); !errors.Is(err, xen.ErrState) || !strings.Contains(err.Error(), src.Name) {
+		t.Fatalf("Start on a RAM file the running source maps: want ErrState naming %s, got %v", src.Name, err)
+	}
+
 	t0 = time.Now()
 	if err := d.Destroy(ctx, src.Name); err != nil {
 		t.Fatalf("Destroy: %v", err)
@@ -86,14 +100,7 @@ func TestSaveRestore(t *testing.T) {
 	}
 	serialBefore, _ := os.ReadFile(src.SerialLog)
 
-	// Restore into a new domain on the same RAM file.
-	dst := src
-	dst.Name = uniqueName(t)
-	dst.Incoming = true
-	cleanupDomain(t, d, dst.Name)
-	if err := d.Define(ctx, dst); err != nil {
-		t.Fatalf("Define incoming: %v", err)
-	}
+	// Restore into the new domain on the same RAM file.
 	t0 = time.Now()
 	if err := d.Start(ctx, dst.Name); err != nil {
 		t.Fatalf("Start incoming: %v", err)
