@@ -8,5 +8,5 @@
 // through libvirt. Nothing above this package builds libvirt XML or speaks to
 // a QEMU monitor; the checkpoint and restore code that needs QEMU-specific
 // operations reaches them through the Monitor interface, the one small place
-// where QMP passes through libvirt.
+// where QMP passes through libvirt, and its typed helpers in xen/qemu.
 package xen

@@ -131,7 +131,10 @@ type DomainSpec struct {
 	AgentSocket string `json:"agent_socket,omitempty"`
 
 	// Incoming starts the domain paused with "-incoming defer", ready for
-	// migrate-incoming: the restore path.
+	// migrate-incoming: the restore path. It is part of the definition:
+	// every Start of the domain waits for an incoming state, so a domain to
+	// be cold-booted later on the same name is undefined and defined again
+	// without it.
 	Incoming bool `json:"incoming,omitempty"`
 }
 
@@ -150,7 +153,10 @@ type Disk struct {
 	NBDExport string `json:"nbd_export,omitempty"`
 }
 
-// NIC is a virtio network interface on a host tap device.
+// NIC is a virtio network interface on a host tap device. A tap that exists
+// when the domain is defined is used as is (libvirt neither configures nor
+// deletes it; MTU then only sets the guest side); an absent one is created
+// by libvirt when the domain starts and deleted when it stops.
 type NIC struct {
 	Tap string `json:"tap"`           // host tap device name; created by libvirt if absent
 	MAC string `json:"mac,omitempty"` // chosen by the driver if empty
