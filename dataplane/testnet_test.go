@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -123,7 +124,8 @@ func (n *testNet) addHost(name string, i int) *testHost {
 ip addr add %s dev u0
 sysctl -qw net.ipv6.conf.default.disable_ipv6=1`, n.mtu, pfx))
 	h.addr = netip.MustParsePrefix(strings.Fields(pfx)[0]).Addr()
-	dp, err := New(context.Background(), Config{Backend: n.backend, Underlay: h.addr, Netns: h.h})
+	log := slog.New(slog.NewTextHandler(n.tb.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	dp, err := New(context.Background(), Config{Backend: n.backend, Underlay: h.addr, Netns: h.h, Logger: log})
 	if err != nil {
 		n.tb.Fatalf("open dataplane on %s: %v", name, err)
 	}
