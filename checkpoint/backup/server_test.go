@@ -22,6 +22,7 @@ import (
 	"hostd/checkpoint/backup"
 	"hostd/checkpoint/backupclient"
 	"hostd/checkpoint/backupstore"
+	"hostd/checkpoint/memfs/memfstest"
 	"hostd/checkpoint/pki"
 	"hostd/checkpoint/wire"
 )
@@ -316,6 +317,7 @@ func must(b []byte, err error) []byte {
 
 // TestMain doubles as a backup server process for the kill -9 test.
 func TestMain(m *testing.M) {
+	memfstest.Main()
 	if spec := os.Getenv("BACKUP_SERVER_CHILD"); spec != "" {
 		serverChild(spec)
 		return
