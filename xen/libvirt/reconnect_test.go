@@ -66,6 +66,27 @@ func TestLibvirtdRestart(t *testing.T) {
 	}
 
 	pid := libvirtdPid(t)
+
+	// A daemon that does not answer (stopped, not gone) holds a call only
+	// as long as the caller's context allows. About a second of outage.
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatalf("pause libvirtd: %v", err)
+	}
+	cont := func() { syscall.Kill(pid, syscall.SIGCONT) }
+	t.Cleanup(cont)
+	hctx, hcancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	_, err = d.Domain(hctx, name)
+	hcancel()
+	cont()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Domain while libvirtd is paused: want DeadlineExceeded, got %v", err)
+	}
+	// The abandoned call completes once the daemon runs again, and the
+	// connection is still good.
+	if _, err := d.Domain(ctx, name); err != nil {
+		t.Fatalf("Domain after libvirtd continued: %v", err)
+	}
+
 	restarted := false
 	restart := func() {
 		if restarted {
