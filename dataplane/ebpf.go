@@ -175,30 +175,11 @@ func (d *ebpfDataplane) apply(ctx context.Context, op string, c Connector, exist
 		}
 		ep.Remote, ep.Local = ipBytes(p.remote), ipBytes(d.cfg.Underlay)
 	}
-	for i := range eps {
-		if err := d.objs.Endpoints.Put(uint32(idx[i]), &eps[i]); err != nil {
-			return fmt.Errorf("%s connector %d: write endpoint map for %q: %w", op, c.ID, p.local[i], err)
+	if err := d.program(op, c.ID, p, idx, eps); err != nil {
+		if !exists {
+			d.unprogram(c.ID, p, idx)
 		}
-	}
-	if p.collapsed() {
-		err = d.objs.Deliveries.Delete(c.ID)
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			err = nil
-		}
-	} else {
-		err = d.objs.Deliveries.Put(c.ID, &bpf.ConnectorDelivery{Ifindex: uint32(idx[0]), Flags: eps[0].Flags, Remote: eps[0].Remote})
-	}
-	if err != nil {
-		return fmt.Errorf("%s connector %d: write delivery map: %w", op, c.ID, err)
-	}
-	for i, dev := range p.local {
-		if ifindex, ok := d.attached[dev]; ok && ifindex == idx[i] {
-			continue
-		}
-		if err := d.attach(idx[i], d.objs.EndpointIngress); err != nil {
-			return fmt.Errorf("%s connector %d: attach to %q ingress: %w", op, c.ID, dev, err)
-		}
-		d.attached[dev] = idx[i]
+		return err
 	}
 	if old, ok := d.plans[c.ID]; ok {
 		d.release(old, p)
@@ -206,6 +187,51 @@ func (d *ebpfDataplane) apply(ctx context.Context, op string, c Connector, exist
 	d.record(c, p)
 	d.log.Info(op+" connector", "id", c.ID, "local", p.local, "remote", p.remote, "collapsed", p.collapsed())
 	return nil
+}
+
+// program writes a connector's map entries and attaches its devices.
+func (d *ebpfDataplane) program(op string, id uint32, p plan, idx []int, eps []bpf.ConnectorEndpoint) error {
+	var err error
+	for i := range eps {
+		if err := d.objs.Endpoints.Put(uint32(idx[i]), &eps[i]); err != nil {
+			return fmt.Errorf("%s connector %d: write endpoint map for %q: %w", op, id, p.local[i], err)
+		}
+	}
+	if p.collapsed() {
+		err = d.objs.Deliveries.Delete(id)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			err = nil
+		}
+	} else {
+		err = d.objs.Deliveries.Put(id, &bpf.ConnectorDelivery{Ifindex: uint32(idx[0]), Flags: eps[0].Flags, Remote: eps[0].Remote})
+	}
+	if err != nil {
+		return fmt.Errorf("%s connector %d: write delivery map: %w", op, id, err)
+	}
+	for i, dev := range p.local {
+		if ifindex, ok := d.attached[dev]; ok && ifindex == idx[i] {
+			continue
+		}
+		if err := d.attach(idx[i], d.objs.EndpointIngress); err != nil {
+			return fmt.Errorf("%s connector %d: attach to %q ingress: %w", op, id, dev, err)
+		}
+		d.attached[dev] = idx[i]
+	}
+	return nil
+}
+
+// unprogram undoes a failed create, so that it leaves nothing behind.
+func (d *ebpfDataplane) unprogram(id uint32, p plan, idx []int) {
+	for i, dev := range p.local {
+		if ifindex, ok := d.attached[dev]; ok {
+			if err := d.detach(ifindex); err != nil {
+				d.log.Warn("detach endpoint", "device", dev, "err", err)
+			}
+			delete(d.attached, dev)
+		}
+		d.objs.Endpoints.Delete(uint32(idx[i]))
+	}
+	d.objs.Deliveries.Delete(id)
 }
 
 // release detaches the devices of old that keep is not using any more.
