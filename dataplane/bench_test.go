@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -36,9 +37,11 @@ func (n *testNet) iperf(client, server *testVM, dst string) float64 {
 		} `json:"end"`
 	}
 	var out []byte
-	for i := 0; i < 50; i++ { // the server takes a moment to listen
+	for i := 0; i < 20; i++ { // the server takes a moment to listen
 		var err error
-		out, err = exec.Command("ip", "netns", "exec", client.ns, "iperf3", "-c", dst, "-p", "5201", "-t", "2", "-J").Output()
+		ctx, cancel := context.WithTimeout(n.tb.Context(), 30*time.Second)
+		out, err = exec.CommandContext(ctx, "ip", "netns", "exec", client.ns, "iperf3", "-c", dst, "-p", "5201", "-t", "2", "-J").Output()
+		cancel()
 		r.Error = ""
 		if jerr := json.Unmarshal(out, &r); jerr != nil && err == nil {
 			err = jerr
