@@ -163,11 +163,27 @@ func TestTransparency(t *testing.T) {
 					"802.1ad qinq": frame("ff:ff:ff:ff:ff:ff", "02:00:00:00:00:0a",
 						[]uint16{unix.ETH_P_8021AD, 200, unix.ETH_P_8021Q, 300, etherExp}, "hostd qinq"),
 				}
+				before, err := h1.dp.Stats(t.Context(), c.ID)
+				if err != nil {
+					t.Fatal(err)
+				}
 				for name, f := range frames {
 					ra.send(f)
 					rb.await("A to B "+name, f)
 					rb.send(f)
 					ra.await("B to A "+name, f)
+				}
+				// Each frame is counted once per direction through h1.
+				after, err := h1.dp.Stats(t.Context(), c.ID)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := uint64(len(frames))
+				if collapsed {
+					want *= 2 // h1 holds both ends
+				}
+				if tx, rx := after.TxPackets-before.TxPackets, after.RxPackets-before.RxPackets; tx != want || rx != want {
+					t.Fatalf("h1 counted %d frames in and %d out, want %d each (%+v -> %+v)", tx, rx, want, before, after)
 				}
 			})
 		}
