@@ -147,6 +147,10 @@ func qemuArgs(s xen.DomainSpec) ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("render ram backend: %w", err)
 	}
+	// No mem-lock (-overcommit mem-lock=on, <memoryBacking><locked/>): it
+	// would fault in the whole RAM file at start, which defeats lazy
+	// restore, and where RLIMIT_MEMLOCK cannot be raised (these machines:
+	// no CAP_SYS_RESOURCE, 8 MiB) libvirt cannot start such a domain.
 	args := []string{"-object", string(obj), "-machine", "memory-backend=" + ramBackendID}
 	if s.Incoming {
 		args = append(args, "-incoming", "defer")
