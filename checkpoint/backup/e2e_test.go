@@ -43,6 +43,7 @@ func TestCheckpointAndLazyRestore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer fs.Unmount() // on failure paths; the explicit Unmount below comes first
 	ramPath = fs.Path()
 	src.path = ramPath
 

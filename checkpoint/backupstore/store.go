@@ -49,7 +49,7 @@ const redoBuffer = 4 << 20
 type Store struct {
 	root string
 	log  *slog.Logger
-	hook func(stage string) // crash-test hook; nil outside tests
+	hook func(stage string, epoch uint64) // crash-test hook; nil outside tests
 
 	mu  sync.Mutex
 	vms map[string]*VM
@@ -124,6 +124,32 @@ type VM struct {
 	committed *Manifest // nil: nothing committed yet
 	open      *Epoch
 	closed    bool
+	// applying is closed when the last committed epoch's apply has ended
+	// (nil: none ran); applyErr is its failure.
+	applying chan struct{}
+	applyErr error
+}
+
+// waitApply waits for the apply of the last committed epoch. Everything
+// that reads the image, and the next commit point, must come after it.
+func (v *VM) waitApply(ctx context.Context) error {
+	v.mu.Lock()
+	ch := v.applying
+	v.mu.Unlock()
+	if ch == nil {
+		return nil
+	}
+	select {
+	case <-ch:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.applyErr != nil {
+		return fmt.Errorf("apply of epoch %d failed (reopen the store to finish it): %w", v.committed.Epoch, v.applyErr)
+	}
+	return nil
 }
 
 func openVM(s *Store, id string, size int64, create bool) (*VM, error) {
@@ -395,7 +421,7 @@ func (e *Epoch) WriteExtent(off int64, data []byte) error {
 	e.extents = append(e.extents, ExtentSum{Offset: off, PageCRCs: sums})
 	e.bytes += int64(len(data))
 	e.digest = wire.UpdateChecksum(e.digest, binary.BigEndian.AppendUint32(nil, dcrc))
-	e.v.s.testHook("extent-written")
+	e.v.s.testHook("extent-written", e.n)
 	return nil
 }
 
@@ -488,11 +514,16 @@ func (e *Epoch) Commit(ctx context.Context, restorable bool) (*Manifest, error) 
 	} else if prev := v.Committed(); prev != nil {
 		m.StateEpoch, m.StateLen, m.StateCRC = prev.StateEpoch, prev.StateLen, prev.StateCRC
 	}
+	// Recovery re-applies only the last committed epoch's log, so the
+	// previous epoch must be in the image before this one commits.
+	if err := v.waitApply(ctx); err != nil {
+		return fail(err)
+	}
 	final := v.path("manifest", e.n)
 	if err := writeFileSync(final+".tmp", m.encode()); err != nil {
 		return fail(err)
 	}
-	v.s.testHook("before-rename")
+	v.s.testHook("before-rename", e.n)
 	if err := os.Rename(final+".tmp", final); err != nil {
 		return fail(fmt.Errorf("rename manifest: %w", err))
 	}
@@ -501,7 +532,7 @@ func (e *Epoch) Commit(ctx context.Context, restorable bool) (*Manifest, error) 
 	if err := syncDir(v.dir); err != nil {
 		return fail(err)
 	}
-	v.s.testHook("committed")
+	v.s.testHook("committed", e.n)
 	v.mu.Lock()
 	e.done = true
 	e.redo.Close()
@@ -511,17 +542,28 @@ func (e *Epoch) Commit(ctx context.Context, restorable bool) (*Manifest, error) 
 	v.open = nil
 	prev := v.committed
 	v.committed = m
+	done := make(chan struct{})
+	v.applying = done
 	v.mu.Unlock()
 
-	if err := v.apply(m); err != nil {
-		// The epoch is committed; the next Open re-applies it. Until then
-		// this VM must not serve reads of a half-applied image.
+	// The epoch is durable: acknowledge now and apply behind the ack. The
+	// host's next epoch streams into a new log meanwhile; readers and the
+	// next commit wait for the apply (waitApply).
+	go func() {
+		defer close(done)
+		err := v.apply(m)
 		v.mu.Lock()
-		v.closed = true
-		v.mu.Unlock()
-		return m, fmt.Errorf("%s: committed, but apply failed (reopen the store to finish it): %w", op, err)
-	}
-	v.cleanup(prev, m)
+		defer v.mu.Unlock()
+		if err != nil {
+			// The next Open re-applies the epoch; until then this VM must
+			// not serve a half-applied image.
+			v.s.log.Error("apply failed; reopen the store to finish it", "vm", v.id, "epoch", m.Epoch, "err", err)
+			v.applyErr = err
+			v.closed = true
+			return
+		}
+		v.cleanup(prev, m)
+	}()
 	return m, nil
 }
 
@@ -575,7 +617,7 @@ func (v *VM) apply(m *Manifest) error {
 			dirty[p*sumEntry/4096] = true
 		}
 		if i == len(m.Extents)/2 {
-			v.s.testHook("mid-apply")
+			v.s.testHook("mid-apply", m.Epoch)
 		}
 	}
 	if n != m.RedoLen || logCRC != m.RedoCRC {
@@ -598,7 +640,7 @@ func (v *VM) apply(m *Manifest) error {
 	if err := v.sumsF.Sync(); err != nil {
 		return fmt.Errorf("apply epoch %d: fsync checksum table: %w", m.Epoch, err)
 	}
-	v.s.testHook("applied")
+	v.s.testHook("applied", m.Epoch)
 	if err := os.Remove(v.path("redo", m.Epoch)); err != nil {
 		return fmt.Errorf("apply epoch %d: remove redo log: %w", m.Epoch, err)
 	}
@@ -649,6 +691,9 @@ func (v *VM) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 || off%PageSize != 0 || len(p)%PageSize != 0 || off+int64(len(p)) > v.size {
 		return 0, fmt.Errorf("%s: image is %d bytes: %w", op, v.size, ErrRange)
 	}
+	if err := v.waitApply(context.Background()); err != nil {
+		return 0, fmt.Errorf("%s: %w", op, err)
+	}
 	v.mu.Lock()
 	closed := v.closed
 	v.mu.Unlock()
@@ -697,6 +742,9 @@ func (v *VM) ReadAll(ctx context.Context, w io.Writer) error {
 		return fmt.Errorf("%s: %w", op, err)
 	}
 	defer f.Close()
+	if err := v.waitApply(ctx); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
 	unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_SEQUENTIAL)
 	unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_WILLNEED)
 	v.imageMu.RLock()
@@ -738,7 +786,11 @@ func (v *VM) DeviceState() ([]byte, *Manifest, error) {
 	return b, m, nil
 }
 
+// Sync waits until the last commit is applied to the image.
+func (v *VM) Sync(ctx context.Context) error { return v.waitApply(ctx) }
+
 func (v *VM) close() error {
+	v.waitApply(context.Background())
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.open != nil {
@@ -765,9 +817,9 @@ func isZero(b []byte) bool {
 	return bytes.Count(b, []byte{0}) == len(b)
 }
 
-func (s *Store) testHook(stage string) {
+func (s *Store) testHook(stage string, epoch uint64) {
 	if s.hook != nil {
-		s.hook(stage)
+		s.hook(stage, epoch)
 	}
 }
 

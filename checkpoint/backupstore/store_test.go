@@ -180,6 +180,9 @@ func TestDetectsCorruptPage(t *testing.T) {
 	if _, err := writeEpoch(t, v, 1).Commit(context.Background(), false); err != nil {
 		t.Fatal(err)
 	}
+	if err := v.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	x := pattern(1)[0]
 	f, _ := os.OpenFile(filepath.Join(dir, "vm", "image"), os.O_RDWR, 0)
 	f.WriteAt([]byte{0xff}, int64(x[0])*PageSize+100)
@@ -212,8 +215,7 @@ func crashChild(spec string) {
 		fmt.Println("error", err)
 		os.Exit(2)
 	}
-	var epoch uint64
-	s.hook = func(at string) {
+	s.hook = func(at string, epoch uint64) {
 		if at == stage && epoch == 3 {
 			fmt.Println("at", at)
 			// Wait for SIGKILL, but not forever if the parent died.
@@ -226,7 +228,7 @@ func crashChild(spec string) {
 		fmt.Println("error", err)
 		os.Exit(2)
 	}
-	for epoch = v.CommittedEpoch() + 1; epoch <= 5; epoch++ {
+	for epoch := v.CommittedEpoch() + 1; epoch <= 5; epoch++ {
 		ep, err := v.Begin(epoch, false)
 		if err != nil {
 			fmt.Println("error", err)

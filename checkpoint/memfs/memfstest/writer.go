@@ -174,7 +174,11 @@ func Run(ctx context.Context, spec Spec) (Result, error) {
 	var res Result
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
 	if jerr := json.Unmarshal([]byte(lines[len(lines)-1]), &res); jerr != nil {
-		return res, fmt.Errorf("writer %s: %v (output %q)", spec.Mode, err, out)
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		return res, fmt.Errorf("writer %s: %v (output %q, stderr %q)", spec.Mode, err, out, stderr)
 	}
 	if res.Error != "" {
 		return res, fmt.Errorf("writer %s: %s", spec.Mode, res.Error)
