@@ -64,6 +64,11 @@ type Config struct {
 	VXLANDevice string
 	// Port is the underlay UDP port; DefaultPort if zero.
 	Port uint16
+	// PinPath (eBPF backend only) is a directory on a bpffs where the
+	// connector maps are pinned. With it, connectors outlive the process:
+	// Close leaves them forwarding, and the next New adopts them, so a
+	// hostd restart does not interrupt guests. Empty: Close removes all.
+	PinPath string
 	// Netns is the network namespace to configure; a value <= 0 means the
 	// caller's own. Tests use it for namespaces standing in for hosts.
 	Netns  netns.NsHandle
@@ -89,6 +94,9 @@ func New(ctx context.Context, cfg Config) (Dataplane, error) {
 		cfg.Logger = slog.Default()
 	}
 	cfg.Logger = cfg.Logger.With("component", "dataplane", "backend", string(cfg.Backend), "underlay", cfg.Underlay.String())
+	if cfg.PinPath != "" && cfg.Backend != BackendEBPF {
+		return nil, fmt.Errorf("open dataplane: %w: PinPath needs backend %q; leave it empty for %q", ErrInvalid, BackendEBPF, cfg.Backend)
+	}
 	switch cfg.Backend {
 	case BackendEBPF:
 		return newEBPF(ctx, cfg)

@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
+	"os"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
@@ -54,8 +57,21 @@ func newEBPF(ctx context.Context, cfg Config) (_ Dataplane, err error) {
 	if err := spec.Variables[bpf.ConnectorVarVxlanIfindex].Set(uint32(d.vxlan.Attrs().Index)); err != nil {
 		return nil, fmt.Errorf("open dataplane: set vxlan_ifindex: %w", err)
 	}
-	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
-		return nil, fmt.Errorf("open dataplane: load eBPF programs (needs root or CAP_BPF+CAP_NET_ADMIN; or use backend %q): %w", BackendNetdev, err)
+	var opts ebpf.CollectionOptions
+	if cfg.PinPath != "" {
+		if err := os.MkdirAll(cfg.PinPath, 0o700); err != nil {
+			return nil, fmt.Errorf("open dataplane: pin directory: %w", err)
+		}
+		for _, name := range []string{bpf.ConnectorMapEndpoints, bpf.ConnectorMapDeliveries, bpf.ConnectorMapCounters} {
+			spec.Maps[name].Pinning = ebpf.PinByName
+		}
+		opts.Maps.PinPath = cfg.PinPath
+	}
+	if err := spec.LoadAndAssign(&d.objs, &opts); err != nil {
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("open dataplane: maps pinned in %s are from another version; delete the connectors with the old hostd or remove the directory: %w", cfg.PinPath, err)
+		}
+		return nil, fmt.Errorf("open dataplane: load eBPF programs (needs root or CAP_BPF+CAP_NET_ADMIN and a bpffs at PinPath if set; or use backend %q): %w", BackendNetdev, err)
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("open dataplane: %w", err)
@@ -63,8 +79,90 @@ func newEBPF(ctx context.Context, cfg Config) (_ Dataplane, err error) {
 	if err := d.attach(d.vxlan.Attrs().Index, d.objs.VxlanIngress); err != nil {
 		return nil, fmt.Errorf("open dataplane: attach to %s ingress: %w", cfg.VXLANDevice, err)
 	}
-	h.log.Info("dataplane open", "vxlan", cfg.VXLANDevice, "mtu", h.mtu)
+	if cfg.PinPath != "" {
+		if err := d.adopt(); err != nil {
+			return nil, err
+		}
+	}
+	h.log.Info("dataplane open", "vxlan", cfg.VXLANDevice, "mtu", h.mtu, "connectors", len(d.conns))
 	return d, nil
+}
+
+// adopt rebuilds the registry from pinned maps left by an earlier run and
+// moves the devices onto this run's programs (a cls_bpf replace is atomic,
+// and the maps are shared, so no frame is lost). The maps keep what the data
+// path needs: a recovered connector names its remote endpoint's host but not
+// that host's device, and a collapsed one has its ends in ifindex order.
+func (d *ebpfDataplane) adopt() error {
+	type local struct {
+		dev     string
+		ifindex int
+		ep      bpf.ConnectorEndpoint
+	}
+	byID := map[uint32][]local{}
+	var stale []uint32
+	var ifindex uint32
+	var ep bpf.ConnectorEndpoint
+	it := d.objs.Endpoints.Iterate()
+	for it.Next(&ifindex, &ep) {
+		l, err := d.nl.LinkByIndex(int(ifindex))
+		if err != nil {
+			stale = append(stale, ifindex) // the VM's tap went away meanwhile
+			continue
+		}
+		byID[ep.Id] = append(byID[ep.Id], local{l.Attrs().Name, int(ifindex), ep})
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("open dataplane: read pinned endpoints: %w", err)
+	}
+	for _, i := range stale {
+		d.objs.Endpoints.Delete(i)
+	}
+	for id, ls := range byID {
+		slices.SortFunc(ls, func(a, b local) int { return a.ifindex - b.ifindex })
+		self := Endpoint{Host: d.cfg.Underlay, Device: ls[0].dev}
+		var c Connector
+		switch {
+		case len(ls) == 2 && ls[0].ep.Flags&epCollapse != 0:
+			c = Connector{ID: id, A: self, B: Endpoint{Host: d.cfg.Underlay, Device: ls[1].dev}}
+		case len(ls) == 1 && ls[0].ep.Flags&epCollapse == 0:
+			remote, ok := netip.AddrFromSlice(ls[0].ep.Remote[:])
+			if ls[0].ep.Flags&epIPv6 == 0 {
+				remote, ok = netip.AddrFromSlice(ls[0].ep.Remote[:4])
+			}
+			if !ok {
+				continue
+			}
+			c = Connector{ID: id, A: self, B: Endpoint{Host: remote}}
+		default:
+			d.log.Warn("pinned connector is inconsistent; Create it again", "id", id, "devices", len(ls))
+			continue
+		}
+		p, err := c.plan(d.cfg.Underlay)
+		if err != nil {
+			d.log.Warn("pinned connector does not fit this host; Create it again", "id", id, "err", err)
+			continue
+		}
+		for _, l := range ls {
+			if err := d.attach(l.ifindex, d.objs.EndpointIngress); err != nil {
+				return fmt.Errorf("open dataplane: re-attach %q of connector %d: %w", l.dev, id, err)
+			}
+			d.attached[l.dev] = l.ifindex
+		}
+		d.record(c, p)
+	}
+	var id uint32
+	var dl bpf.ConnectorDelivery
+	var orphans []uint32
+	for it := d.objs.Deliveries.Iterate(); it.Next(&id, &dl); {
+		if _, ok := d.conns[id]; !ok {
+			orphans = append(orphans, id)
+		}
+	}
+	for _, id := range orphans {
+		d.objs.Deliveries.Delete(id)
+	}
+	return nil
 }
 
 // openVXLAN creates the host's external-mode VXLAN device, or adopts one
@@ -311,10 +409,24 @@ func (d *ebpfDataplane) Close() error {
 		return nil
 	}
 	d.closed = true
+	if d.cfg.PinPath != "" {
+		// Leave the kernel forwarding for the next run to adopt.
+		d.objs.Close()
+		d.nl.Close()
+		d.log.Info("dataplane closed; connectors stay up", "pinned", d.cfg.PinPath)
+		return nil
+	}
 	return d.teardown()
 }
 
 func (d *ebpfDataplane) teardown() error {
+	if d.cfg.PinPath != "" {
+		// A failed open of a pinned dataplane must not take down the
+		// connectors an earlier run left forwarding.
+		d.objs.Close()
+		d.nl.Close()
+		return nil
+	}
 	var errs []error
 	for dev, ifindex := range d.attached {
 		if err := d.detach(ifindex); err != nil {
