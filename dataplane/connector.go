@@ -68,7 +68,15 @@ type plan struct {
 
 func (p plan) collapsed() bool { return len(p.local) == 2 }
 
-// Validate checks c as seen from the host whose underlay address is self and
+// Validate checks c as the host with underlay address self would, without
+// touching the kernel: what the daemon can check before accepting a request.
+// Create and Update also check the registry and the local devices.
+func (c Connector) Validate(self netip.Addr) error {
+	_, err := c.plan(self.Unmap())
+	return err
+}
+
+// plan checks c as seen from the host whose underlay address is self and
 // returns what that host has to configure.
 func (c Connector) plan(self netip.Addr) (plan, error) {
 	bad := func(format string, a ...any) (plan, error) {

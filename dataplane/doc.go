@@ -15,7 +15,16 @@
 //   - BackendNetdev: no eBPF; one classic VXLAN netdev per connector, joined
 //     to the tap by tc mirred redirects.
 //
+// With Config.PinPath (eBPF) the maps are pinned on a bpffs: connectors keep
+// forwarding while hostd restarts, and the next New adopts them.
+//
 // RateLimiter throttles a device (per-VM backup and migration traffic), and
 // NewCollector exports connector counters to Prometheus. hostd's daemon
 // (hostd/) owns the instances and maps its API onto them.
+//
+// The tests (root; go test ./dataplane/) build hosts and VMs out of network
+// namespaces they create and delete: hosts joined by an underlay bridge, VMs
+// whose eth0 is a veth into their host standing in for a tap, and send real
+// frames through kernel VXLAN and the eBPF programs, table-driven over both
+// backends. `make bench-dataplane` runs the benchmarks in bench_test.go.
 package dataplane
