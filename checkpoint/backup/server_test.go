@@ -431,3 +431,32 @@ func TestServerKilledResync(t *testing.T) {
 	srv.Wait()
 	checkStore(t, storeDir, "vm1", f, "final state")
 }
+
+// TestClientDiesMidEpoch: a host that vanishes in the middle of an epoch
+// (connection cut after some extents) leaves the committed epoch as it was;
+// its next session starts after it.
+func TestClientDiesMidEpoch(t *testing.T) {
+	e := newEnv(t)
+	f := ramFile(t)
+	s := e.client(t, "vm1", f)
+	full := make([]byte, imgSize)
+	f.ReadAt(full, 0)
+	s.SendPages(context.Background(), 0, full)
+	if _, err := s.Commit(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	conn, _ := rawSession(t, e, "vm1")
+	page := bytes.Repeat([]byte{0xee}, 4096)
+	ext, _ := wire.AppendFrame(nil, &wire.Extent{Epoch: 2, Offset: 0, CRC: wire.Checksum(page), Data: page})
+	conn.Write(ext)
+	conn.Write(ext[:100]) // and dies half way through a frame
+	conn.Close()
+	s2 := e.client(t, "vm1", f)
+	if st := s2.Stats(); st.Acked != 1 || st.Epoch != 2 {
+		t.Fatalf("after a dead client: %+v", st)
+	}
+	s2.Close()
+	e.stop()
+	checkStore(t, e.store, "vm1", f, "")
+}

@@ -406,3 +406,22 @@ func FuzzManifest(f *testing.F) {
 		}
 	})
 }
+
+func FuzzRedoHeader(f *testing.F) {
+	f.Add(appendRedoHeader(nil, 8192, 4096, 0xdeadbeef))
+	f.Fuzz(func(t *testing.T, h []byte) {
+		if len(h) != redoHeader {
+			return
+		}
+		off, n, c, err := parseRedoHeader(h)
+		if err != nil {
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("error not wrapping ErrCorrupt: %v", err)
+			}
+			return
+		}
+		if !bytes.Equal(appendRedoHeader(nil, off, n, c), h) {
+			t.Fatal("re-encoding differs")
+		}
+	})
+}

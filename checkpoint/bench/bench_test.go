@@ -73,48 +73,78 @@ func runWriter(b *testing.B, spec memfstest.Spec) memfstest.Result {
 	return res
 }
 
-// BenchmarkServedRAM: a process dirtying every page of a 256 MiB mapping
-// four times, on a plain tmpfs file (baseline) and on memfs files with
-// several FUSE settings, sink unthrottled. The ratio is the guest's
-// slowdown from being checkpointed: every page written back is
-// write-protected and its next store faults.
+// BenchmarkServedRAM: a process dirtying a 256 MiB mapping on a plain
+// tmpfs file (baseline) and on memfs files, sink unthrottled, cap 128 MiB.
+// Workloads: "fill" writes every byte of every page 4 times (the headline
+// served_ram_workload_ratio), "touch" stores one byte per page 4 times
+// (worst case: all fault, no work), "hot" makes 4M random 64-byte writes in
+// a 64 MiB hot set that fits under the cap. The cost of being checkpointed
+// is that every page written back is write-protected and its next store
+// faults, and that writeback throughput bounds a guest that rewrites more
+// than the cap holds. FUSE settings are compared on "fill", alternating to
+// spread noise from the other tenants of these 2 cores.
 func BenchmarkServedRAM(b *testing.B) {
 	needRoot(b)
 	const size = 256 << 20
-	const passes = 4
 	plainDir := tmpfs(b, "300m")
 	plain := filepath.Join(plainDir, "ram")
 	if err := os.WriteFile(plain, nil, 0o600); err != nil {
 		b.Fatal(err)
 	}
 	os.Truncate(plain, size)
-	base := runWriter(b, memfstest.Spec{Path: plain, Size: size, Mode: "passes", Passes: passes, Lock: true})
-	baseMBs := float64(base.Bytes) / base.Dirty.Seconds() / 1e6
-	report("plain_ram_dirty_mbps", baseMBs, "MB/s")
-
-	variants := []struct {
+	workloads := []struct {
 		name string
-		opts memfs.Options
+		spec memfstest.Spec
 	}{
-		{"", memfs.Options{MaxWrite: 1 << 20}},
-		{"_maxwrite128k", memfs.Options{MaxWrite: 128 << 10}},
-		{"_nowbcache", memfs.Options{MaxWrite: 1 << 20, NoWritebackCache: true}},
+		{"", memfstest.Spec{Mode: "fill", Passes: 4}},
+		{"_touch", memfstest.Spec{Mode: "passes", Passes: 4}},
+		{"_hot", memfstest.Spec{Mode: "scribble", Count: 4 << 20, Span: 64 << 20, Seed: 1}},
 	}
-	for _, v := range variants {
-		o := v.opts
+	rate := func(res memfstest.Result) float64 { return float64(res.Bytes) / res.Dirty.Seconds() / 1e6 }
+	base := map[string]float64{}
+	for _, w := range workloads {
+		spec := w.spec
+		spec.Path, spec.Size, spec.Lock = plain, size, true
+		base[w.name] = rate(runWriter(b, spec))
+		report("plain_ram_dirty_mbps"+w.name, base[w.name], "MB/s")
+	}
+	served := func(o memfs.Options, w memfstest.Spec) (memfstest.Result, memfs.Stats) {
 		o.Size, o.Sink, o.Logger, o.DirtyCap = size, discard{}, quiet(), 128<<20
 		fs, err := memfs.Mount(context.Background(), b.TempDir(), o)
 		if err != nil {
 			b.Fatal(err)
 		}
-		res := runWriter(b, memfstest.Spec{Path: fs.Path(), Size: size, Mode: "passes", Passes: passes, Lock: true})
-		st := fs.Stats()
-		fs.Unmount()
-		mbs := float64(res.Bytes) / res.Dirty.Seconds() / 1e6
-		report("served_ram_dirty_mbps"+v.name, mbs, "MB/s")
-		report("served_ram_workload_ratio"+v.name, mbs/baseMBs, "ratio")
-		report("served_ram_writeback_mbps"+v.name, float64(st.BytesWritten)/(res.Dirty+res.Fsync).Seconds()/1e6, "MB/s")
-		report("served_ram_avg_write_kib"+v.name, float64(st.BytesWritten)/float64(max(st.Writes, 1))/1024, "KiB")
+		defer fs.Unmount()
+		w.Path, w.Size, w.Lock = fs.Path(), size, true
+		res := runWriter(b, w)
+		return res, fs.Stats()
+	}
+	for _, w := range workloads {
+		res, st := served(memfs.Options{}, w.spec)
+		report("served_ram_dirty_mbps"+w.name, rate(res), "MB/s")
+		report("served_ram_workload_ratio"+w.name, rate(res)/base[w.name], "ratio")
+		report("served_ram_writeback_mbps"+w.name, float64(st.BytesWritten)/(res.Dirty+res.Fsync).Seconds()/1e6, "MB/s")
+	}
+	variants := []struct {
+		name string
+		opts memfs.Options
+	}{
+		{"maxwrite1m", memfs.Options{MaxWrite: 1 << 20}},
+		{"maxwrite128k", memfs.Options{MaxWrite: 128 << 10}},
+		{"nowbcache", memfs.Options{MaxWrite: 1 << 20, NoWritebackCache: true}},
+	}
+	best := map[string]float64{}
+	avgWrite := map[string]float64{}
+	for round := 0; round < 2; round++ {
+		for _, v := range variants {
+			res, st := served(v.opts, workloads[0].spec)
+			best[v.name] = max(best[v.name], rate(res))
+			avgWrite[v.name] = float64(st.BytesWritten) / float64(max(st.Writes, 1)) / 1024
+		}
+	}
+	for _, v := range variants {
+		report("served_ram_fill_mbps_"+v.name, best[v.name], "MB/s")
+		report("served_ram_avg_write_kib_"+v.name, avgWrite[v.name], "KiB")
 	}
 }
 

@@ -33,11 +33,13 @@ const envSpec = "HOSTD_MEMFSTEST_WRITER"
 type Spec struct {
 	Path string
 	Size int64
-	// Mode: "scribble" writes Count random 64-byte runs (seeded) then
-	// fsyncs; "passes" stores one byte into every page, Passes times over
-	// the whole file, then fsyncs; "read" reads the first 16 bytes of
-	// each page in Pages.
+	// Mode: "scribble" writes Count random 64-byte runs (seeded) within
+	// the first Span bytes (default all) then fsyncs; "passes" stores one
+	// byte into every page, Passes times over the whole file, then fsyncs;
+	// "fill" writes every byte of every page, Passes times; "read" reads
+	// the first 16 bytes of each page in Pages.
 	Mode   string
+	Span   int64
 	Seed   uint64
 	Count  int
 	Passes int
@@ -123,8 +125,12 @@ func run(spec Spec) (res Result) {
 	switch spec.Mode {
 	case "scribble":
 		r := rand.New(rand.NewPCG(spec.Seed, 7))
+		span := len(m)
+		if spec.Span > 0 && spec.Span < spec.Size {
+			span = int(spec.Span)
+		}
 		for i := 0; i < spec.Count; i++ {
-			off := r.IntN(len(m) - 64)
+			off := r.IntN(span - 64)
 			v := byte(r.IntN(255) + 1)
 			for j := 0; j < 64; j++ {
 				m[off+j] = v
@@ -135,6 +141,17 @@ func run(spec Spec) (res Result) {
 		for p := 0; p < spec.Passes; p++ {
 			for off := 0; off < len(m); off += 4096 {
 				m[off] = byte(p + 1)
+			}
+		}
+		res.Bytes = int64(spec.Passes) * spec.Size
+	case "fill":
+		page := make([]byte, 4096)
+		for p := 0; p < spec.Passes; p++ {
+			for i := range page {
+				page[i] = byte(p + i)
+			}
+			for off := 0; off < len(m); off += 4096 {
+				copy(m[off:off+4096], page)
 			}
 		}
 		res.Bytes = int64(spec.Passes) * spec.Size
