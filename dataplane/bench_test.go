@@ -253,3 +253,23 @@ func BenchmarkSetup1000(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkRateLimit: how closely a RateLimiter cap holds for one TCP
+// stream (iperf3 over a plain veth, limited at the sender).
+func BenchmarkRateLimit(b *testing.B) {
+	for range b.N {
+		n, h1, _, a, bv := twoHosts(b, BackendEBPF, 1500, false)
+		_, dst := n.directVeth(a, bv, h1.dp.MTU())
+		rl, err := NewRateLimiter(a.h, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		const rate = 25 << 20 // bytes/s
+		if err := rl.Set(b.Context(), "d0", rate); err != nil {
+			b.Fatal(err)
+		}
+		got := n.iperf(a, bv, dst) / 8
+		rl.Close()
+		benchLine("ratelimit_achieved_vs_set", got/rate, "ratio")
+	}
+}
