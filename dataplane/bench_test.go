@@ -131,7 +131,7 @@ func compare(rounds int, baseline, subject func() float64) (float64, float64) {
 }
 
 func BenchmarkThroughputLatency(b *testing.B) {
-	const rounds = 3
+	const rounds = 5
 	for range b.N {
 		n, h1, h2, a, bv := twoHosts(b, BackendEBPF, 1500, false)
 		_, vethB := n.directVeth(a, bv, h1.dp.MTU())
