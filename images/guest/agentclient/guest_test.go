@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 type testVM struct {
 	sock, serial string
 	started      time.Time
+	stop         func() // kill QEMU and wait (bounded); idempotent
 }
 
 // bootVM starts QEMU and arranges for it to be killed, with a bounded
@@ -51,13 +53,19 @@ func bootVM(t *testing.T, img guestimage.Image, cmdline string, extra ...string)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
+	var once sync.Once
+	vm.stop = func() {
+		once.Do(func() {
+			_ = cmd.Process.Kill()
+			select {
+			case <-exited:
+			case <-time.After(10 * time.Second):
+				t.Errorf("qemu pid %d did not exit within 10s of SIGKILL", cmd.Process.Pid)
+			}
+		})
+	}
 	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			t.Errorf("qemu pid %d did not exit within 10s of SIGKILL", cmd.Process.Pid)
-		}
+		vm.stop()
 		out.Close()
 		if t.Failed() {
 			b, _ := os.ReadFile(vm.serial)
