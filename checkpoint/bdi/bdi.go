@@ -103,3 +103,16 @@ func parseStats(path string) (int64, bool) {
 	}
 	return total, found == 2
 }
+
+// MountDebugfs mounts debugfs at /sys/kernel/debug if it is not there, so
+// that Unflushed can observe. Tests and benchmarks call it; the daemon
+// needs no debugfs.
+func MountDebugfs() error {
+	if _, err := os.Stat("/sys/kernel/debug/bdi"); err == nil {
+		return nil
+	}
+	if err := syscall.Mount("debugfs", "/sys/kernel/debug", "debugfs", 0, ""); err != nil {
+		return fmt.Errorf("mount debugfs: %w", err)
+	}
+	return nil
+}

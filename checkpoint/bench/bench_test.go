@@ -11,6 +11,7 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
+	"hostd/checkpoint/bdi"
 	"io"
 	"log/slog"
 	"net"
@@ -155,6 +156,9 @@ func BenchmarkServedRAM(b *testing.B) {
 func BenchmarkFinalFlush(b *testing.B) {
 	needRoot(b)
 	const size = 128 << 20
+	if err := bdi.MountDebugfs(); err != nil {
+		b.Log(err)
+	}
 	const queue = 4 << 20
 	out, err := os.Create(filepath.Join(tmpfs(b, "200m"), "sink"))
 	if err != nil {

@@ -2,6 +2,7 @@ package flush_test
 
 import (
 	"context"
+	"hostd/checkpoint/bdi"
 	"io"
 	"log/slog"
 	"os"
@@ -29,6 +30,9 @@ func TestWriterHeldUnderCap(t *testing.T) {
 		t.Skip("needs root for FUSE")
 	}
 	const size = 64 << 20
+	if err := bdi.MountDebugfs(); err != nil {
+		t.Log(err)
+	}
 	const queue = 4 << 20
 	out, err := os.Create(filepath.Join(t.TempDir(), "sink"))
 	if err != nil {

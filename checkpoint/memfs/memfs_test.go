@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/hex"
 	"errors"
+	"hostd/checkpoint/bdi"
 	"io"
 	"log/slog"
 	"os"
@@ -232,6 +233,9 @@ func TestThrottleHoldsCap(t *testing.T) {
 	const size = 64 << 20
 	sink := &slowSink{rate: 40e6, f: sinkFile(t, size)}
 	const capBytes = 12 << 20
+	if err := bdi.MountDebugfs(); err != nil {
+		t.Log(err)
+	}
 	fs := mount(t, Options{Size: size, Sink: sink, QueueBytes: 4 << 20, DirtyCap: capBytes})
 	lim, err := fs.DirtyLimit()
 	if err != nil {
