@@ -47,8 +47,11 @@ type Hypervisor interface {
 	Suspend(ctx context.Context, name string) error
 	Resume(ctx context.Context, name string) error
 
-	// Domain returns one domain's state; List returns all domains that this
-	// hypervisor knows, including ones hostd did not create.
+	// Domain returns one domain's state and recorded spec. List returns all
+	// domains that this hypervisor knows, including ones hostd did not
+	// create, with their state but without Spec: it costs the same few
+	// round trips whatever the number of domains, and only adoption needs
+	// the spec (ask Domain for it).
 	Domain(ctx context.Context, name string) (DomainInfo, error)
 	List(ctx context.Context) ([]DomainInfo, error)
 	// Stats samples CPU time, memory and balloon of a running domain.

@@ -63,10 +63,15 @@ func (m *Manager) Reconcile(ctx context.Context, startup bool) (ReconcileReport,
 	// Domains carrying hostd's spec but no record: the store was lost or the
 	// daemon died between defining and recording. Take them back.
 	for _, d := range doms {
-		if known[d.Name] || d.Spec == nil {
+		if known[d.Name] {
 			continue
 		}
-		rec := Record{Name: d.Name, UUID: d.UUID, Spec: *d.Spec, Created: time.Now().UTC(), Adopted: true}
+		// List carries no specs; read this domain's to see whether it is ours.
+		full, err := m.hv.Domain(ctx, d.Name)
+		if err != nil || full.Spec == nil {
+			continue // gone meanwhile, or not made by hostd
+		}
+		rec := Record{Name: d.Name, UUID: d.UUID, Spec: *full.Spec, Created: time.Now().UTC(), Adopted: true}
 		if err := store.Put(m.st, store.BucketVMs, rec.Name, rec); err != nil {
 			return rep, fmt.Errorf("reconcile: adopt %q: %w", d.Name, err)
 		}

@@ -21,28 +21,59 @@ func (d *Driver) Domain(ctx context.Context, name string) (xen.DomainInfo, error
 	return info, err
 }
 
-// List returns every domain libvirt knows, running or not, hostd's or not.
+// List returns every domain libvirt knows, running or not, hostd's or not,
+// without their specs. Two calls to libvirtd in all: one for state, vCPUs
+// and memory of every domain, one for which of them are persistent. Asking
+// per domain instead costs four round trips each (70 ms for 100 domains).
 func (d *Driver) List(ctx context.Context) ([]xen.DomainInfo, error) {
 	var out []xen.DomainInfo
 	err := d.call(ctx, "list domains", func(conn *golibvirt.Connect) error {
-		doms, err := conn.ListAllDomains(0)
+		stats, err := conn.GetAllDomainStats(nil,
+			golibvirt.DOMAIN_STATS_STATE|golibvirt.DOMAIN_STATS_VCPU|golibvirt.DOMAIN_STATS_BALLOON, 0)
 		if err != nil {
 			return err
 		}
 		defer func() {
-			for i := range doms {
-				doms[i].Free()
+			for i := range stats {
+				stats[i].Domain.Free()
 			}
 		}()
-		out = make([]xen.DomainInfo, 0, len(doms))
-		for i := range doms {
-			info, err := domainInfo(&doms[i])
-			if libvirtCode(err) == golibvirt.ERR_NO_DOMAIN {
-				continue // undefined while we listed
+		persistent, err := conn.ListAllDomains(golibvirt.CONNECT_LIST_DOMAINS_PERSISTENT)
+		if err != nil {
+			return err
+		}
+		isPersistent := make(map[string]bool, len(persistent))
+		for i := range persistent {
+			if u, err := persistent[i].GetUUIDString(); err == nil {
+				isPersistent[u] = true
 			}
-			if err != nil {
+			persistent[i].Free()
+		}
+		out = make([]xen.DomainInfo, 0, len(stats))
+		for _, st := range stats {
+			// Name, UUID and ID are cached in the handle: no round trip.
+			var info xen.DomainInfo
+			if info.Name, err = st.Domain.GetName(); err != nil {
 				return err
 			}
+			if info.UUID, err = st.Domain.GetUUIDString(); err != nil {
+				return err
+			}
+			if id, err := st.Domain.GetID(); err == nil && id != ^uint(0) {
+				info.ID = int(id)
+			}
+			info.State = xen.StateUnknown
+			if st.State != nil && st.State.StateSet {
+				info.State, info.Reason = stateName(st.State.State, st.State.Reason)
+			}
+			if info.State == xen.StateShutoff {
+				info.ID = 0
+			}
+			info.VCPUs = len(st.Vcpu)
+			if st.Balloon != nil && st.Balloon.MaximumSet {
+				info.MemoryMiB = st.Balloon.Maximum / 1024
+			}
+			info.Persistent = isPersistent[info.UUID]
 			out = append(out, info)
 		}
 		return nil
