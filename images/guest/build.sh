@@ -74,7 +74,7 @@ read -r kpkg kver bbver <<<"$resolved"
 srchash=$(cd "$root" && find images/guest/agent images/guest/agentapi -name '*.go' ! -name '*_test.go' -print0 |
 	LC_ALL=C sort -z | xargs -0 sha256sum |
 	cat - <("$GO" list -mod=mod -deps -f '{{with .Module}}{{.Path}}@{{.Version}}{{end}}' ./images/guest/agent | LC_ALL=C sort -u) |
-	sha256sum | cut -c1-64)
+	sha256sum | cut -c1-64) || die "hashing the agent sources failed (go list ./images/guest/agent)"
 scripthash=$(cat "$here/build.sh" "$here/init" | sha256sum | cut -c1-64)
 inputs="kernel=$kpkg=$kver busybox-static=$bbver agent=$srchash script=$scripthash go=$("$GO" env GOVERSION)"
 if [ -f "$out/.inputs" ] && [ "$(cat "$out/.inputs")" = "$inputs" ] &&
@@ -84,8 +84,11 @@ if [ -f "$out/.inputs" ] && [ "$(cat "$out/.inputs")" = "$inputs" ] &&
 fi
 start=$(date +%s.%N)
 
-command -v cpio >/dev/null || apt-get install -y -qq --no-install-recommends cpio >/dev/null ||
-	die "cpio missing and apt-get install cpio failed"
+if ! command -v cpio >/dev/null; then
+	apt-get install -y -qq --no-install-recommends cpio >/dev/null ||
+		{ apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends cpio >/dev/null; } ||
+		die "cpio (GNU, for --reproducible) is missing and apt-get install cpio failed"
+fi
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
