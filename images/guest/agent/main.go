@@ -37,22 +37,22 @@ func main() {
 	}
 	go a.sampleRates(ctx)
 
-	fields := a.boot(ctx)
+	fields, port := a.boot(ctx)
 	a.console.printSync(agentapi.ReadyPrefix + " " + fields)
 
-	if port := fieldValue(fields, "port"); port != "none" {
+	if port != "" {
 		servePort(ctx, a, port)
 	}
 	// Without a control port the guest still runs its boot workloads and
 	// echo server; nothing is left to do but keep the process alive.
-	<-ctx.Done()
+	select {}
 }
 
 // boot applies the hostd.* kernel options and returns the ready line's
-// fields. Problems are reported on the console and counted, never fatal:
+// fields and the control port's device ("" if there is none). Problems are reported on the console and counted, never fatal:
 // a guest that is up but misconfigured is easier to debug from the host
 // than one that panicked.
-func (a *agent) boot(ctx context.Context) string {
+func (a *agent) boot(ctx context.Context) (fields, port string) {
 	var problems int
 	report := func(err error) {
 		problems++
@@ -91,22 +91,15 @@ func (a *agent) boot(ctx context.Context) string {
 			problems++
 		}
 	}
-	port, err := findPort(ctx, agentapi.PortName, 3*time.Second)
+	port, err = findPort(ctx, agentapi.PortName, 3*time.Second)
+	shown := port
 	if err != nil {
 		report(err)
-		port = "none"
+		port, shown = "", "none"
 	}
-	return fmt.Sprintf("uptime_ms=%d kernel=%s ip=%s port=%s version=%d boot_errors=%d",
-		uptimeMS(), a.kernel, ip, port, agentapi.Version, problems)
-}
-
-func fieldValue(fields, key string) string {
-	for _, f := range strings.Fields(fields) {
-		if k, v, ok := strings.Cut(f, "="); ok && k == key {
-			return v
-		}
-	}
-	return ""
+	fields = fmt.Sprintf("uptime_ms=%d kernel=%s ip=%s port=%s version=%d boot_errors=%d",
+		uptimeMS(), a.kernel, ip, shown, agentapi.Version, problems)
+	return fields, port
 }
 
 // uptimeMS reads /proc/uptime, the guest's own clock since boot, which is
