@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/hex"
 	"fmt"
 	"os"
 	"runtime"
@@ -38,6 +39,11 @@ func (a *agent) dispatch(req agentapi.Request, args any) agentapi.Response {
 		result, err = a.checksum(args.(agentapi.RegionArgs).Region)
 	case agentapi.CmdOps:
 		result, err = a.ops(args.(agentapi.RegionArgs).Region)
+	case agentapi.CmdExpected:
+		e := args.(agentapi.ExpectedArgs)
+		var sum [32]byte
+		sum, err = agentapi.ExpectedChecksum(e.SizeMiB, e.Seed, e.PassesDone, e.PageInPass)
+		result = agentapi.ExpectedResult{SHA256: hex.EncodeToString(sum[:])}
 	case agentapi.CmdEcho:
 		result, err = a.echoCmd(args.(agentapi.EchoArgs))
 	case agentapi.CmdMemInfo:

@@ -41,6 +41,7 @@ const (
 	CmdEcho     = "echo"
 	CmdMemInfo  = "meminfo"
 	CmdStats    = "stats"
+	CmdExpected = "expected"
 )
 
 // Request is one line from the host.
@@ -76,6 +77,21 @@ type RegionArgs struct {
 type EchoArgs struct {
 	Action string `json:"action"` // "start" or "stop"
 	Port   uint16 `json:"port"`   // required for start
+}
+
+// ExpectedArgs asks the agent to compute, without touching any region,
+// the checksum a region would have (see ExpectedChecksum): the same answer
+// a host computes, from the guest's own copy of the code.
+type ExpectedArgs struct {
+	SizeMiB    uint64 `json:"size_mib"`
+	Seed       uint64 `json:"seed"`
+	PassesDone uint64 `json:"passes_done"`
+	PageInPass uint64 `json:"page_in_pass"`
+}
+
+// ExpectedResult answers expected.
+type ExpectedResult struct {
+	SHA256 string `json:"sha256"` // lowercase hex
 }
 
 // PingResult answers ping.
@@ -190,6 +206,12 @@ func decodeArgs(cmd string, raw json.RawMessage) (any, error) {
 			return nil, err
 		}
 		return a, validRegion(cmd, a.Region)
+	case CmdExpected:
+		var a ExpectedArgs
+		if err := decodeInto(cmd, raw, empty, &a); err != nil {
+			return nil, err
+		}
+		return a, a.Validate()
 	case CmdEcho:
 		var a EchoArgs
 		if err := decodeInto(cmd, raw, empty, &a); err != nil {
@@ -237,6 +259,17 @@ func (a DirtyArgs) Validate() error {
 	}
 	if a.RateMiBs > MaxRateMiBs {
 		return fmt.Errorf("dirty: rate_mib_s %d above %d: %w", a.RateMiBs, MaxRateMiBs, ErrBadRequest)
+	}
+	return nil
+}
+
+// Validate checks an expected request.
+func (a ExpectedArgs) Validate() error {
+	if a.SizeMiB == 0 || a.SizeMiB > MaxRegionMiB {
+		return fmt.Errorf("expected: size_mib %d not in [1, %d]: %w", a.SizeMiB, MaxRegionMiB, ErrBadRequest)
+	}
+	if a.PageInPass >= a.SizeMiB*PagesPerMiB {
+		return fmt.Errorf("expected: page_in_pass %d not below %d pages: %w", a.PageInPass, a.SizeMiB*PagesPerMiB, ErrBadRequest)
 	}
 	return nil
 }

@@ -24,6 +24,8 @@ func TestDecodeRequest(t *testing.T) {
 		{`{"id":7,"cmd":"ops","args":{"region":"a"}}`, CmdOps, RegionArgs{Region: "a"}},
 		{`{"id":8,"cmd":"echo","args":{"action":"start","port":7}}`, CmdEcho, EchoArgs{Action: "start", Port: 7}},
 		{`{"id":9,"cmd":"echo","args":{"action":"stop"}}`, CmdEcho, EchoArgs{Action: "stop"}},
+		{`{"id":10,"cmd":"expected","args":{"size_mib":2,"seed":3,"passes_done":4,"page_in_pass":511}}`, CmdExpected,
+			ExpectedArgs{SizeMiB: 2, Seed: 3, PassesDone: 4, PageInPass: 511}},
 	}
 	for _, g := range good {
 		req, args, err := DecodeRequest([]byte(g.line))
@@ -59,6 +61,8 @@ func TestDecodeRequest(t *testing.T) {
 		{`{"id":16,"cmd":"dirty","args":{"region":"a","size_mib":1,"rate_mib_s":99999999}}`, 16, "rate_mib_s"},
 		{`{"id":17,"cmd":"dirty","args":{"region":"a","size_mib":99999999}}`, 17, "size_mib"},
 		{`{"id":18,"cmd":"dirty","args":[1]}`, 18, "dirty args"},
+		{`{"id":19,"cmd":"expected","args":{"size_mib":1,"page_in_pass":256}}`, 19, "page_in_pass 256"},
+		{`{"id":20,"cmd":"expected","args":{"seed":1}}`, 20, "size_mib 0"},
 	}
 	for _, b := range bad {
 		req, _, err := DecodeRequest([]byte(b.line))

@@ -24,7 +24,8 @@
 // id is chosen by the host and echoed back (0 if the line could not be
 // parsed at all). args is an object whose shape depends on cmd (the *Args
 // types below; unknown fields are rejected); result is the matching *Result
-// type. Commands: ping, dirty, stop, checksum, ops, echo, meminfo, stats.
+// type. Commands: ping, dirty, stop, checksum, expected, ops, echo,
+// meminfo, stats.
 //
 // # Readiness
 //

@@ -17,6 +17,7 @@ func FuzzDecodeRequest(f *testing.F) {
 		`{"id":8,"cmd":"echo","args":{"action":"start","port":7}}`,
 		`{"id":2,"cmd":"stats","args":{}}`,
 		`{"cmd":"checksum","args":{"region":"r"}}`,
+		`{"id":3,"cmd":"expected","args":{"size_mib":1,"seed":2,"passes_done":1,"page_in_pass":5}}`,
 		`garbage`, `{}`, `null`, `[]`, `{"id":-1}`,
 	} {
 		f.Add([]byte(s))
@@ -41,6 +42,10 @@ func FuzzDecodeRequest(f *testing.F) {
 		case RegionArgs:
 			if validRegion(req.Cmd, a.Region) != nil {
 				t.Fatalf("bad region %q accepted", a.Region)
+			}
+		case ExpectedArgs:
+			if req.Cmd != CmdExpected || a.Validate() != nil {
+				t.Fatalf("cmd %q with invalid %+v accepted", req.Cmd, a)
 			}
 		case EchoArgs:
 			if req.Cmd != CmdEcho || a.Validate() != nil {

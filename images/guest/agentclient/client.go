@@ -198,6 +198,14 @@ func (c *Client) VerifyChecksum(ctx context.Context, region string) (agentapi.Ch
 	return got, nil
 }
 
+// Expected asks the guest to compute the checksum a region written with
+// seed would have at (passesDone, pageInPass), from its own copy of the
+// pattern code.
+func (c *Client) Expected(ctx context.Context, args agentapi.ExpectedArgs) (agentapi.ExpectedResult, error) {
+	var r agentapi.ExpectedResult
+	return r, c.Call(ctx, agentapi.CmdExpected, args, &r)
+}
+
 // EchoStart starts the guest's TCP+UDP echo server on port.
 func (c *Client) EchoStart(ctx context.Context, port uint16) (agentapi.EchoResult, error) {
 	var r agentapi.EchoResult

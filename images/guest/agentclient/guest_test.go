@@ -2,6 +2,7 @@ package agentclient_test
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -188,6 +189,17 @@ func TestGuestAgent(t *testing.T) {
 		}
 		if got.PassesDone != 2 || st.PagesTotal != 2*16*agentapi.PagesPerMiB {
 			t.Errorf("after two passes: checksum %+v, status %+v", got, st)
+		}
+		// The guest's own expectation agrees with the host's and with the
+		// region, also for a position the writer never stopped at.
+		exp, err := c.Expected(ctx, agentapi.ExpectedArgs{SizeMiB: 16, Seed: 1234567, PassesDone: 2})
+		if err != nil || exp.SHA256 != got.SHA256 {
+			t.Errorf("guest-computed expected checksum %+v %v, region has %s", exp, err, got.SHA256)
+		}
+		mid, err := c.Expected(ctx, agentapi.ExpectedArgs{SizeMiB: 16, Seed: 1234567, PassesDone: 1, PageInPass: 1000})
+		hostMid, herr := agentclient.ExpectedChecksum(16, 1234567, 1, 1000)
+		if err != nil || herr != nil || mid.SHA256 != hex.EncodeToString(hostMid[:]) {
+			t.Errorf("mid-pass expected: guest %+v %v, host %x %v", mid, err, hostMid, herr)
 		}
 	})
 
