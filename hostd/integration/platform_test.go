@@ -15,6 +15,7 @@ import (
 	"hostd/hostd/hostdtest"
 	"hostd/hostd/jobs"
 	"hostd/hostd/vm"
+	"hostd/images/guest/agentapi"
 	"hostd/images/guest/agentclient"
 	"hostd/xen"
 )
@@ -48,13 +49,13 @@ func TestVMLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatalf("wait ready: %v", err)
 	}
-	if v.BootMS <= 0 {
+	if v.BootMS <= 0 || v.GuestUptimeMS == 0 {
 		t.Fatalf("boot_ms not measured: %+v", v)
 	}
-	t.Logf("create-to-ready %.0f ms", v.BootMS)
+	t.Logf("create-to-ready %.0f ms, of which %d ms inside the guest", v.BootMS, v.GuestUptimeMS)
 
 	con, err := c.Console(ctx, v.Name, 20)
-	if err != nil || !strings.Contains(string(con), vm.ReadyMarker) {
+	if err != nil || !strings.Contains(string(con), agentapi.ReadyPrefix) {
 		t.Fatalf("console tail lacks the ready line: %v\n%s", err, con)
 	}
 	// The agent answers on its channel: the VM is really up.

@@ -14,12 +14,9 @@ import (
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/store"
+	"hostd/images/guest/agentclient"
 	"hostd/xen"
 )
-
-// ReadyMarker is the line the guest agent prints on its serial console once
-// it runs; the time from start to this line is the VM's boot time.
-const ReadyMarker = "HOSTD-AGENT READY"
 
 // Manager owns the host's VMs.
 type Manager struct {
@@ -182,7 +179,7 @@ func (m *Manager) startLocked(ctx context.Context, rec *Record) error {
 	if err := m.hv.Start(ctx, rec.Name); err != nil {
 		return err
 	}
-	rec.Started, rec.Ready, rec.BootMS, rec.Vanished = &started, nil, 0, false
+	rec.Started, rec.Ready, rec.BootMS, rec.GuestUptimeMS, rec.Vanished = &started, nil, 0, 0, false
 	rec.SerialOffset = offset
 	if err := store.Put(m.st, store.BucketVMs, rec.Name, *rec); err != nil {
 		return err
@@ -203,7 +200,9 @@ func (m *Manager) watchReady(name, logPath string, offset int64, started time.Ti
 	go func() {
 		defer m.wg.Done()
 		defer cancel()
-		line, err := WaitForLine(ctx, logPath, offset, ReadyMarker)
+		// The guest agent prints its ready line on the serial console once it
+		// runs; start to that line is the VM's boot time.
+		r, err := agentclient.WaitReadyFrom(ctx, logPath, offset)
 		if err != nil {
 			if ctx.Err() == context.DeadlineExceeded {
 				m.log.Warn("guest agent never announced itself", "vm", name, "log", logPath)
@@ -218,12 +217,13 @@ func (m *Manager) watchReady(name, logPath string, offset int64, started time.Ti
 			return // deleted or restarted meanwhile
 		}
 		rec.Ready, rec.BootMS = &ready, float64(ready.Sub(started).Microseconds())/1000
+		rec.GuestUptimeMS = r.UptimeMS
 		if err := store.Put(m.st, store.BucketVMs, name, rec); err != nil {
 			m.log.Error("record readiness", "vm", name, "err", err)
 			return
 		}
-		m.log.Info("vm ready", "vm", name, "boot_ms", rec.BootMS)
-		m.ev.Publish(events.Event{Type: "vm.ready", VM: name, Data: map[string]any{"boot_ms": rec.BootMS, "line": line}})
+		m.log.Info("vm ready", "vm", name, "boot_ms", rec.BootMS, "guest_uptime_ms", r.UptimeMS)
+		m.ev.Publish(events.Event{Type: "vm.ready", VM: name, Data: map[string]any{"boot_ms": rec.BootMS, "agent": r.Fields}})
 	}()
 }
 

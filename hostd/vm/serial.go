@@ -3,59 +3,11 @@ package vm
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"errors"
-	"fmt"
 	"io"
 	"io/fs"
 	"os"
-	"time"
 )
-
-// WaitForLine follows the file at path from offset (the file may not exist
-// yet) until a line containing marker appears, and returns that line.
-// It polls: serial logs are written by QEMU in another process, and a poll
-// every 20 ms costs nothing next to a boot of seconds.
-func WaitForLine(ctx context.Context, path string, offset int64, marker string) (string, error) {
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	var pending []byte
-	for {
-		f, err := os.Open(path)
-		switch {
-		case err == nil:
-			if _, err := f.Seek(offset, io.SeekStart); err != nil {
-				f.Close()
-				return "", fmt.Errorf("follow %s: %w", path, err)
-			}
-			data, err := io.ReadAll(f)
-			f.Close()
-			if err != nil {
-				return "", fmt.Errorf("follow %s: %w", path, err)
-			}
-			offset += int64(len(data))
-			pending = append(pending, data...)
-			for {
-				i := bytes.IndexByte(pending, '\n')
-				if i < 0 {
-					break
-				}
-				line := string(bytes.TrimRight(pending[:i], "\r"))
-				pending = pending[i+1:]
-				if bytes.Contains([]byte(line), []byte(marker)) {
-					return line, nil
-				}
-			}
-		case !errors.Is(err, fs.ErrNotExist):
-			return "", fmt.Errorf("follow %s: %w", path, err)
-		}
-		select {
-		case <-ctx.Done():
-			return "", fmt.Errorf("wait for %q in %s: %w", marker, path, ctx.Err())
-		case <-tick.C:
-		}
-	}
-}
 
 // TailLines returns the last n lines of the file at path (all if n <= 0),
 // reading at most the last 1 MiB: a console tail, not a log archive.

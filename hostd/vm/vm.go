@@ -45,6 +45,9 @@ type Record struct {
 	Ready   *time.Time `json:"ready,omitempty"`
 	// BootMS is Started to Ready: the create-to-ready time a user sees.
 	BootMS float64 `json:"boot_ms,omitempty"`
+	// GuestUptimeMS is the guest's own uptime at its ready line: the part
+	// of BootMS spent inside the guest (kernel and agent start).
+	GuestUptimeMS uint64 `json:"guest_uptime_ms,omitempty"`
 	// SerialOffset is the serial log's size at the last start: readiness
 	// is looked for after it, also by a restarted daemon.
 	SerialOffset int64 `json:"serial_offset,omitempty"`

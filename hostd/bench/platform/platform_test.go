@@ -13,6 +13,7 @@ import (
 
 	"hostd/hostd/hostdtest"
 	"hostd/hostd/vm"
+	"hostd/images/guest/agentclient"
 )
 
 const prefix = "bench-"
@@ -116,7 +117,7 @@ func bootViaVirsh(ctx context.Context, b *testing.B, xml, oldName, name string) 
 	}
 	wctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
 	defer cancel()
-	if _, err := vm.WaitForLine(wctx, serial[1], 0, vm.ReadyMarker); err != nil {
+	if _, err := agentclient.WaitReady(wctx, serial[1]); err != nil {
 		b.Fatalf("virsh-created guest: %v", err)
 	}
 	ms := float64(time.Since(t0).Microseconds()) / 1000
