@@ -29,7 +29,8 @@ command -v "$GO" >/dev/null || die "Go toolchain not found (set GO= or install G
 
 # Modules the guest loads; their dependencies come from modules.dep.
 modules="virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
-virtio_net net_failover failover virtio_blk virtio_console virtio_balloon 8021q"
+virtio_net net_failover failover virtio_blk virtio_console virtio_balloon 8021q
+button evdev"
 kmeta=linux-image-cloud-amd64
 
 # One build at a time per OUTDIR: parallel test packages all call us.

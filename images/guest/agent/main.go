@@ -58,6 +58,9 @@ func (a *agent) boot(ctx context.Context) (fields, port string) {
 		problems++
 		a.console.print("HOSTD-AGENT ERROR " + err.Error())
 	}
+	if err := a.watchPowerButton(); err != nil {
+		report(err)
+	}
 	cmdline, err := os.ReadFile("/proc/cmdline")
 	if err != nil {
 		report(fmt.Errorf("read kernel command line: %w", err))
