@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -18,6 +19,7 @@ import (
 	"hostd/hostd/api"
 	"hostd/hostd/client"
 	"hostd/hostd/config"
+	"hostd/hostd/connector"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/store"
@@ -63,7 +65,8 @@ func start(t *testing.T) *env {
 	fake := xentest.New()
 	vms := vm.NewManager(ctx, cfg, fake, st, ev, jm, log)
 	reg := prometheus.NewRegistry()
-	srv, err := api.New(api.Deps{VMs: vms, Jobs: jm, Events: ev, Hypervisor: fake, Version: "test",
+	conns := connector.NewManager(nil, netip.Addr{}, vms, st, ev, log)
+	srv, err := api.New(api.Deps{VMs: vms, Jobs: jm, Events: ev, Hypervisor: fake, Connectors: conns, Version: "test",
 		Roles: cfg.Roles, Registry: reg, Gatherer: reg, Log: log}, "")
 	if err != nil {
 		t.Fatal(err)
@@ -113,6 +116,8 @@ func TestBadInputsGetClearJSONErrors(t *testing.T) {
 		{"no route", "GET", "/v2/nothing", ``, 404, "no route"},
 		{"wrong method", "PUT", "/v1/vms", `{}`, 405, "not allowed"},
 		{"start running VM", "POST", "/v1/vms/taken/start", ``, 409, "state"},
+		{"connectors without dataplane", "GET", "/v1/connectors", ``, 501, "dataplane.underlay"},
+		{"bad connector id", "GET", "/v1/connectors/zero", ``, 400, "must be a number"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"net/http"
 
+	"hostd/dataplane"
+	"hostd/hostd/connector"
 	"hostd/hostd/jobs"
 	"hostd/hostd/vm"
 	"hostd/xen"
@@ -20,12 +22,19 @@ type Error struct {
 // status maps an error from the layers below to an HTTP status and code.
 func status(err error) (int, string) {
 	switch {
-	case errors.Is(err, vm.ErrInvalid), errors.Is(err, xen.ErrInvalidSpec), errors.Is(err, errBadRequest):
+	case errors.Is(err, vm.ErrInvalid), errors.Is(err, xen.ErrInvalidSpec), errors.Is(err, errBadRequest),
+		errors.Is(err, dataplane.ErrInvalid), errors.Is(err, dataplane.ErrNotLocal),
+		errors.Is(err, dataplane.ErrDeviceInUse), errors.Is(err, dataplane.ErrUnknownDevice):
 		return http.StatusBadRequest, "invalid_request"
-	case errors.Is(err, vm.ErrNotFound), errors.Is(err, jobs.ErrNotFound), errors.Is(err, xen.ErrNotFound):
+	case errors.Is(err, vm.ErrNotFound), errors.Is(err, jobs.ErrNotFound), errors.Is(err, xen.ErrNotFound),
+		errors.Is(err, dataplane.ErrNotFound):
 		return http.StatusNotFound, "not_found"
-	case errors.Is(err, vm.ErrExists), errors.Is(err, xen.ErrExists):
+	case errors.Is(err, vm.ErrExists), errors.Is(err, xen.ErrExists), errors.Is(err, dataplane.ErrExists):
 		return http.StatusConflict, "exists"
+	case errors.Is(err, connector.ErrDisabled):
+		return http.StatusNotImplemented, "not_configured"
+	case errors.Is(err, dataplane.ErrClosed):
+		return http.StatusServiceUnavailable, "dataplane_closed"
 	case errors.Is(err, xen.ErrState):
 		return http.StatusConflict, "invalid_state"
 	case errors.Is(err, xen.ErrUnavailable):

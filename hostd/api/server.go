@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"hostd/hostd/connector"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/vm"
@@ -33,8 +34,16 @@ var OpenAPI []byte
 // HostInfo is the body of GET /v1/host.
 type HostInfo struct {
 	xen.HostInfo
-	Version string   `json:"version"`
-	Roles   []string `json:"roles"`
+	Version   string         `json:"version"`
+	Roles     []string       `json:"roles"`
+	Dataplane *DataplaneInfo `json:"dataplane,omitempty"`
+}
+
+// DataplaneInfo describes the connector dataplane, when one runs.
+type DataplaneInfo struct {
+	Backend  string `json:"backend"`
+	Underlay string `json:"underlay"`
+	MTU      int    `json:"mtu"` // inner MTU of every connector
 }
 
 // Deps are what the API drives.
@@ -43,6 +52,8 @@ type Deps struct {
 	Jobs       *jobs.Manager
 	Events     *events.Broker
 	Hypervisor xen.Hypervisor
+	Connectors *connector.Manager
+	Dataplane  *DataplaneInfo // nil: no dataplane
 	Version    string
 	Roles      []string
 	// Registry receives the API's own metrics; Gatherer is served on /metrics.
@@ -101,6 +112,12 @@ func New(d Deps, group string) (*Server, error) {
 	s.route("POST /v1/vms/{name}/destroy", s.destroyVM)
 	s.route("GET /v1/vms/{name}/console", s.console)
 	s.route("GET /v1/vms/{name}/stats", s.stats)
+	s.route("GET /v1/connectors", s.listConnectors)
+	s.route("POST /v1/connectors", s.createConnector)
+	s.route("GET /v1/connectors/{id}", s.getConnector)
+	s.route("PUT /v1/connectors/{id}", s.updateConnector)
+	s.route("DELETE /v1/connectors/{id}", s.deleteConnector)
+	s.route("GET /v1/connectors/{id}/stats", s.connectorStats)
 	s.route("GET /v1/jobs", s.listJobs)
 	s.route("GET /v1/jobs/{id}", s.getJob)
 	s.route("GET /v1/events", s.streamEvents)
@@ -222,7 +239,7 @@ func (s *Server) getHost(w http.ResponseWriter, r *http.Request) {
 		writeError(w, fmt.Errorf("host info: %w", err))
 		return
 	}
-	writeJSON(w, http.StatusOK, HostInfo{HostInfo: h, Version: s.d.Version, Roles: s.d.Roles})
+	writeJSON(w, http.StatusOK, HostInfo{HostInfo: h, Version: s.d.Version, Roles: s.d.Roles, Dataplane: s.d.Dataplane})
 }
 
 func (s *Server) getOpenAPI(w http.ResponseWriter, r *http.Request) {

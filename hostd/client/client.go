@@ -14,7 +14,9 @@ import (
 	"strconv"
 	"time"
 
+	"hostd/dataplane"
 	"hostd/hostd/api"
+	"hostd/hostd/connector"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/vm"
@@ -175,6 +177,41 @@ func (c *Client) Console(ctx context.Context, name string, lines int) ([]byte, e
 func (c *Client) Stats(ctx context.Context, name string) (xen.DomainStats, error) {
 	var s xen.DomainStats
 	return s, c.Do(ctx, http.MethodGet, "/v1/vms/"+url.PathEscape(name)+"/stats", nil, &s)
+}
+
+// Connectors lists the connectors with an endpoint on this host.
+func (c *Client) Connectors(ctx context.Context) ([]connector.Record, error) {
+	var cs []connector.Record
+	return cs, c.Do(ctx, http.MethodGet, "/v1/connectors", nil, &cs)
+}
+
+// CreateConnector configures this host's endpoints of a connector.
+func (c *Client) CreateConnector(ctx context.Context, s connector.Spec) (connector.Record, error) {
+	var r connector.Record
+	return r, c.Do(ctx, http.MethodPost, "/v1/connectors", s, &r)
+}
+
+// Connector returns one connector.
+func (c *Client) Connector(ctx context.Context, id uint32) (connector.Record, error) {
+	var r connector.Record
+	return r, c.Do(ctx, http.MethodGet, fmt.Sprintf("/v1/connectors/%d", id), nil, &r)
+}
+
+// RetargetConnector replaces a connector's endpoints.
+func (c *Client) RetargetConnector(ctx context.Context, s connector.Spec) (connector.Record, error) {
+	var r connector.Record
+	return r, c.Do(ctx, http.MethodPut, fmt.Sprintf("/v1/connectors/%d", s.ID), s, &r)
+}
+
+// DeleteConnector removes this host's endpoints of a connector.
+func (c *Client) DeleteConnector(ctx context.Context, id uint32) error {
+	return c.Do(ctx, http.MethodDelete, fmt.Sprintf("/v1/connectors/%d", id), nil, nil)
+}
+
+// ConnectorStats returns a connector's counters on this host.
+func (c *Client) ConnectorStats(ctx context.Context, id uint32) (dataplane.Stats, error) {
+	var st dataplane.Stats
+	return st, c.Do(ctx, http.MethodGet, fmt.Sprintf("/v1/connectors/%d/stats", id), nil, &st)
 }
 
 // Jobs lists all jobs.

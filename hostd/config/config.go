@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -29,7 +30,24 @@ type Config struct {
 	API        API        `toml:"api"`
 	Hypervisor Hypervisor `toml:"hypervisor"`
 	Guest      Guest      `toml:"guest"`
+	Dataplane  Dataplane  `toml:"dataplane"`
 	Log        Log        `toml:"log"`
+}
+
+// Dataplane configures VirtualWire connectors (kernel VXLAN + eBPF).
+// Connectors are off while Underlay is empty.
+type Dataplane struct {
+	// Underlay is this host's underlay IP address: the VXLAN source, and
+	// how peers name this host in connector endpoints.
+	Underlay string `toml:"underlay"`
+	// UnderlayDevice carries Underlay; found from the address if empty.
+	UnderlayDevice string `toml:"underlay_device"`
+	Backend        string `toml:"backend"` // ebpf | netdev
+	VXLANDevice    string `toml:"vxlan_device"`
+	Port           int    `toml:"port"`
+	// PinPath (ebpf only) keeps the connector maps on bpffs, so connectors
+	// keep forwarding while hostd restarts. Empty: removed at stop.
+	PinPath string `toml:"pin_path"`
 }
 
 // API is the local socket the scheduler talks to.
@@ -100,7 +118,8 @@ func Default() Config {
 			Initrd:  "/usr/lib/hostd/guest/initrd.img",
 			Cmdline: "console=ttyS0 panic=-1",
 		},
-		Log: Log{Level: "info", Format: "json"},
+		Dataplane: Dataplane{Backend: "ebpf", VXLANDevice: "vw0", Port: 4789, PinPath: "/sys/fs/bpf/hostd"},
+		Log:       Log{Level: "info", Format: "json"},
 	}
 }
 
@@ -160,6 +179,9 @@ func (c Config) Validate() error {
 	if c.Hypervisor.ReconcileInterval.Duration < time.Second {
 		return errors.New("hypervisor.reconcile_interval: must be at least 1s")
 	}
+	if err := c.Dataplane.validate(); err != nil {
+		return err
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -169,6 +191,26 @@ func (c Config) Validate() error {
 	case "json", "text":
 	default:
 		return fmt.Errorf("log.format: %q is not json or text", c.Log.Format)
+	}
+	return nil
+}
+
+func (d Dataplane) validate() error {
+	if d.Underlay != "" {
+		if _, err := netip.ParseAddr(d.Underlay); err != nil {
+			return fmt.Errorf("dataplane.underlay: %q is not an IP address", d.Underlay)
+		}
+	}
+	switch d.Backend {
+	case "ebpf", "netdev":
+	default:
+		return fmt.Errorf("dataplane.backend: %q is not ebpf or netdev", d.Backend)
+	}
+	if d.Port < 1 || d.Port > 65535 {
+		return fmt.Errorf("dataplane.port: %d is not a UDP port", d.Port)
+	}
+	if len(d.VXLANDevice) == 0 || len(d.VXLANDevice) > 15 {
+		return fmt.Errorf("dataplane.vxlan_device: %q must be 1-15 characters", d.VXLANDevice)
 	}
 	return nil
 }

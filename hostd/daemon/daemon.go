@@ -11,8 +11,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"hostd/dataplane"
 	"hostd/hostd/api"
 	"hostd/hostd/config"
+	"hostd/hostd/connector"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/store"
@@ -64,12 +66,31 @@ func Run(ctx context.Context, o Options) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), vm.NewCollector(vms))
+
+	dp, self, err := openDataplane(ctx, cfg.Dataplane, log)
+	if err != nil {
+		return fmt.Errorf("run hostd: %w", err)
+	}
+	var dpInfo *api.DataplaneInfo
+	if dp != nil {
+		// With pinned maps, Close leaves connectors forwarding for the next
+		// daemon; without, it removes them (Restore re-creates them).
+		defer dp.Close()
+		vms.SetNICMTU(dp.MTU())
+		reg.MustRegister(dataplane.NewCollector(dp))
+		dpInfo = &api.DataplaneInfo{Backend: string(dp.Backend()), Underlay: self.String(), MTU: dp.MTU()}
+	}
+	conns := connector.NewManager(dp, self, vms, st, ev, log)
+	if err := conns.Restore(ctx); err != nil {
+		log.Error("some connectors could not be restored; GET /v1/connectors lists what the store holds", "err", err)
+	}
 	build := prometheus.NewGauge(prometheus.GaugeOpts{Name: "hostd_build_info", Help: "hostd version.", ConstLabels: prometheus.Labels{"version": o.Version}})
 	build.Set(1)
 	reg.MustRegister(build)
 
 	srv, err := api.New(api.Deps{
-		VMs: vms, Jobs: jm, Events: ev, Hypervisor: hv, Version: o.Version, Roles: cfg.Roles,
+		VMs: vms, Jobs: jm, Events: ev, Hypervisor: hv, Connectors: conns, Dataplane: dpInfo,
+		Version: o.Version, Roles: cfg.Roles,
 		Registry: reg, Gatherer: reg, Log: log,
 	}, cfg.API.Group)
 	if err != nil {

@@ -52,6 +52,7 @@ type Daemon struct {
 	Client *client.Client
 	cmd    *exec.Cmd
 	exited chan error
+	netns  string
 }
 
 // Options tune a daemon before it starts.
@@ -59,6 +60,9 @@ type Options struct {
 	Accel string // default "tcg": the auto probe costs ~15 s a start
 	// Edit, if set, changes the configuration before it is written.
 	Edit func(*config.Config)
+	// Netns runs the daemon inside that network namespace (a test's
+	// stand-in host); it still reaches libvirtd, whose socket is a file.
+	Netns string
 }
 
 // Start writes a configuration and starts hostd, and returns once its
@@ -88,7 +92,7 @@ func Start(tb testing.TB, binDir string, o Options) *Daemon {
 	if o.Edit != nil {
 		o.Edit(&cfg)
 	}
-	d := &Daemon{tb: tb, BinDir: binDir, Dir: dir, Config: cfg, Image: img}
+	d := &Daemon{tb: tb, BinDir: binDir, Dir: dir, Config: cfg, Image: img, netns: o.Netns}
 	var buf bytes.Buffer
 	if err := toml.NewEncoder(&buf).Encode(cfg); err != nil {
 		tb.Fatal(err)
@@ -119,7 +123,12 @@ func (d *Daemon) start() {
 	if err != nil {
 		d.tb.Fatal(err)
 	}
-	cmd := exec.Command(filepath.Join(d.BinDir, "hostd"), "-config", d.ConfigPath())
+	args := []string{filepath.Join(d.BinDir, "hostd"), "-config", d.ConfigPath()}
+	if d.netns != "" {
+		// ip execs hostd after entering the namespace: the PID is hostd's.
+		args = append([]string{"ip", "netns", "exec", d.netns}, args...)
+	}
+	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own process group: a kill -9 of the test's daemon hits nothing else.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

@@ -15,11 +15,12 @@ var ErrNotFound = errors.New("not in store")
 
 // Bucket names. Each is created on Open.
 const (
-	BucketVMs  = "vms"
-	BucketJobs = "jobs"
+	BucketVMs        = "vms"
+	BucketJobs       = "jobs"
+	BucketConnectors = "connectors"
 )
 
-var buckets = []string{BucketVMs, BucketJobs}
+var buckets = []string{BucketVMs, BucketJobs, BucketConnectors}
 
 // Store is the open state file.
 type Store struct {

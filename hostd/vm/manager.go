@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -35,7 +36,13 @@ type Manager struct {
 	mu       sync.Mutex
 	watchers map[string]context.CancelFunc
 	wg       sync.WaitGroup
+	// nicMTU is given to NICs that ask for none: the connectors' inner MTU,
+	// so a guest's eth0 fits the VXLAN link (0: the hypervisor's default).
+	nicMTU int
 }
+
+// SetNICMTU sets the MTU of new VMs' NICs that request none.
+func (m *Manager) SetNICMTU(mtu int) { m.nicMTU = mtu }
 
 // NewManager returns a manager; call Reconcile before serving requests.
 func NewManager(ctx context.Context, cfg config.Config, hv xen.Hypervisor, st *store.Store, ev *events.Broker, jm *jobs.Manager, log *slog.Logger) *Manager {
@@ -129,10 +136,16 @@ func (m *Manager) applyDefaults(r *Request) {
 // keeps unix socket names under their 107-byte limit.
 func (m *Manager) spec(r Request) xen.DomainSpec {
 	dir := m.cfg.VMDir(r.Name)
+	nics := slices.Clone(r.NICs)
+	for i := range nics {
+		if nics[i].MTU == 0 {
+			nics[i].MTU = m.nicMTU
+		}
+	}
 	return xen.DomainSpec{
 		Name: r.Name, VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB,
 		Kernel: r.Kernel, Initrd: r.Initrd, Cmdline: r.Cmdline,
-		Disks: r.Disks, NICs: r.NICs,
+		Disks: r.Disks, NICs: nics,
 		RAMPath:     filepath.Join(dir, "ram"),
 		SerialLog:   filepath.Join(dir, "serial.log"),
 		AgentSocket: filepath.Join(m.cfg.RunDir, "agents", r.Name+".sock"),
@@ -344,6 +357,18 @@ func (m *Manager) Stats(ctx context.Context, name string) (xen.DomainStats, erro
 		return xen.DomainStats{}, fmt.Errorf("VM %q stats: %w", name, err)
 	}
 	return s, nil
+}
+
+// NICDevice returns the host tap of a VM's NIC (an index into its NICs).
+func (m *Manager) NICDevice(name string, nic int) (string, error) {
+	rec, err := m.record(name)
+	if err != nil {
+		return "", err
+	}
+	if nic < 0 || nic >= len(rec.Spec.NICs) {
+		return "", fmt.Errorf("VM %q has no NIC %d (it has %d)", name, nic, len(rec.Spec.NICs))
+	}
+	return rec.Spec.NICs[nic].Tap, nil
 }
 
 // Console returns the last n lines of the VM's serial console.

@@ -3,6 +3,8 @@
 //	hostctl [-socket PATH] [-json] host
 //	hostctl vm list | get NAME | create NAME [flags] | start NAME | shutdown NAME [-timeout D] [-wait]
 //	hostctl vm destroy NAME | delete NAME | console NAME [-n LINES] | stats NAME | wait-ready NAME [-timeout D]
+//	hostctl connector list | get ID | create ID A B | retarget ID A B | delete ID | stats ID
+//	  (an endpoint is HOST[/VM[/NIC]], e.g. 10.0.0.1/web/0)
 //	hostctl job list | get ID | wait ID
 //	hostctl events
 //	hostctl metrics
@@ -17,11 +19,13 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"hostd/hostd/client"
+	"hostd/hostd/connector"
 	"hostd/hostd/jobs"
 	"hostd/hostd/vm"
 	"hostd/xen"
@@ -62,6 +66,8 @@ func usage() {
   vm shutdown NAME [-timeout 60s] [-wait]
   vm console NAME [-n 50]
   vm wait-ready NAME [-timeout 2m]      wait until the guest agent announced itself
+  connector list | get ID | delete ID | stats ID
+  connector create|retarget ID A B      endpoints as HOST[/VM[/NIC]], e.g. 10.0.0.1/web/0
   job list | job get ID | job wait ID
   events                                stream events (one JSON object per line)
   metrics                               Prometheus metrics
@@ -95,6 +101,8 @@ func (a *cli) run(ctx context.Context, args []string) error {
 		return a.vm(ctx, args[1:])
 	case "job":
 		return a.job(ctx, args[1:])
+	case "connector":
+		return a.connector(ctx, args[1:])
 	case "events":
 		ch, err := a.c.Events(ctx)
 		if err != nil {
@@ -252,6 +260,118 @@ func (a *cli) job(ctx context.Context, args []string) error {
 	default:
 		return usageError{fmt.Sprintf("job: unknown subcommand %q", args[0])}
 	}
+}
+
+func (a *cli) connector(ctx context.Context, args []string) error {
+	if len(args) == 0 {
+		return usageError{"connector: which subcommand?"}
+	}
+	if args[0] == "list" {
+		cs, err := a.c.Connectors(ctx)
+		if err != nil {
+			return err
+		}
+		if a.json {
+			return a.printJSON(cs)
+		}
+		rows := make([][]string, 0, len(cs))
+		for _, c := range cs {
+			rows = append(rows, connRow(c))
+		}
+		return a.table(connHeader, rows)
+	}
+	if len(args) < 2 {
+		return usageError{"connector " + args[0] + ": ID is required"}
+	}
+	id64, err := strconv.ParseUint(args[1], 10, 32)
+	if err != nil {
+		return usageError{fmt.Sprintf("connector %s: ID %q is not a number", args[0], args[1])}
+	}
+	id := uint32(id64)
+	switch args[0] {
+	case "get":
+		c, err := a.c.Connector(ctx, id)
+		return a.connOut(c, err)
+	case "create", "retarget":
+		if len(args) != 4 {
+			return usageError{"connector " + args[0] + ": want ID A B"}
+		}
+		spec := connector.Spec{ID: id}
+		if spec.A, err = parseEndpoint(args[2]); err != nil {
+			return err
+		}
+		if spec.B, err = parseEndpoint(args[3]); err != nil {
+			return err
+		}
+		var c connector.Record
+		if args[0] == "create" {
+			c, err = a.c.CreateConnector(ctx, spec)
+		} else {
+			c, err = a.c.RetargetConnector(ctx, spec)
+		}
+		return a.connOut(c, err)
+	case "delete":
+		if err := a.c.DeleteConnector(ctx, id); err != nil {
+			return err
+		}
+		fmt.Fprintf(a.out, "deleted connector %d\n", id)
+		return nil
+	case "stats":
+		st, err := a.c.ConnectorStats(ctx, id)
+		if err != nil {
+			return err
+		}
+		if a.json {
+			return a.printJSON(st)
+		}
+		return a.table([]string{"TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES", "DROPS"}, [][]string{{
+			fmt.Sprint(st.TxPackets), fmt.Sprint(st.TxBytes), fmt.Sprint(st.RxPackets), fmt.Sprint(st.RxBytes), fmt.Sprint(st.Drops)}})
+	default:
+		return usageError{fmt.Sprintf("connector: unknown subcommand %q", args[0])}
+	}
+}
+
+// parseEndpoint reads HOST[/VM[/NIC]].
+func parseEndpoint(s string) (connector.Endpoint, error) {
+	parts := strings.Split(s, "/")
+	if len(parts) > 3 || parts[0] == "" {
+		return connector.Endpoint{}, usageError{fmt.Sprintf("endpoint %q: want HOST[/VM[/NIC]]", s)}
+	}
+	e := connector.Endpoint{Host: parts[0]}
+	if len(parts) > 1 {
+		e.VM = parts[1]
+	}
+	if len(parts) > 2 {
+		n, err := strconv.Atoi(parts[2])
+		if err != nil {
+			return e, usageError{fmt.Sprintf("endpoint %q: NIC %q is not a number", s, parts[2])}
+		}
+		e.NIC = n
+	}
+	return e, nil
+}
+
+var connHeader = []string{"ID", "A", "B", "LOCAL TAPS", "MTU", "COLLAPSED"}
+
+func connRow(c connector.Record) []string {
+	ep := func(e connector.Endpoint) string { return fmt.Sprintf("%s/%s/%d", e.Host, e.VM, e.NIC) }
+	var taps []string
+	for _, d := range []string{c.Dataplane.A.Device, c.Dataplane.B.Device} {
+		if d != "" {
+			taps = append(taps, d)
+		}
+	}
+	return []string{fmt.Sprint(c.ID), ep(c.A), ep(c.B), strings.Join(taps, ","), fmt.Sprint(c.MTU), fmt.Sprint(c.Collapsed)}
+}
+
+func (a *cli) connOut(c connector.Record, err error) error {
+	if err != nil {
+		return err
+	}
+	if a.json {
+		return a.printJSON(c)
+	}
+	return a.table(connHeader, [][]string{connRow(c)})
 }
 
 var vmHeader = []string{"NAME", "STATE", "VCPUS", "MEMORY", "BOOT", "CREATED"}
