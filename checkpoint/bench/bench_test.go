@@ -133,6 +133,7 @@ func BenchmarkServedRAM(b *testing.B) {
 		{"maxwrite1m", memfs.Options{MaxWrite: 1 << 20}},
 		{"maxwrite128k", memfs.Options{MaxWrite: 128 << 10}},
 		{"nowbcache", memfs.Options{MaxWrite: 1 << 20, NoWritebackCache: true}},
+		{"nopin", memfs.Options{MaxWrite: 1 << 20, NoPin: true}},
 	}
 	best := map[string]float64{}
 	avgWrite := map[string]float64{}

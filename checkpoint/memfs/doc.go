@@ -21,9 +21,20 @@
 // SetDirtyCap(D) sets the bdi to D minus the queue's capacity.
 //
 // The daemon never keeps page contents beyond the queue. A page that was
-// written back is clean in the page cache; if the kernel evicted it, the
-// newest copy would be on the backup only, so memfs refuses to serve such
-// a read (EIO, logged) rather than return stale data. Guests therefore run
-// with their RAM locked (QEMU mem-lock / mlock), which keeps every faulted
-// page resident.
+// written back is clean in the page cache, and its newest content exists
+// only there and on its way to the backup: if the kernel evicted it and read
+// it again, the Source would return a stale version. So the first time a
+// page is written back memfs mlocks it (through a read-only mapping of the
+// file in the daemon, used only as an address range for mlock(2); needs
+// CAP_IPC_LOCK). Pages that were never written stay evictable and are read
+// from the Source again, which still holds them; locking all guest RAM up
+// front (QEMU mem-lock) would instead fault in every page and defeat lazy
+// restore. If locking fails, a read of an evicted written page is refused
+// with EIO (logged) rather than answered with stale data.
+//
+// The guest must be another process: a Go process that faults on pages of
+// a FUSE file it serves itself deadlocks (a thread stuck in a page fault
+// cannot stop for the garbage collector, and the FUSE server goroutines
+// never run again). System calls that fault pages in (mlock, munmap's
+// writeback) are safe.
 package memfs

@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"log/slog"
 	"math/bits"
+	"os"
 	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 
 	"hostd/checkpoint/bdi"
 	"hostd/checkpoint/pageset"
@@ -57,6 +59,9 @@ type Options struct {
 	// MaxWrite is the largest FUSE write (and read); default 1 MiB, the
 	// kernel's limit.
 	MaxWrite int
+	// NoPin leaves written pages evictable (see doc.go); for measuring
+	// what pinning costs.
+	NoPin bool
 	// NoWritebackCache turns FUSE's writeback cache off (it only affects
 	// write(2); mmap writes always go through the page cache).
 	NoWritebackCache bool
@@ -90,6 +95,12 @@ type FS struct {
 	pools   [11]sync.Pool // size classes 4 KiB .. 4 MiB
 	workEnd chan struct{}
 
+	// pin is a read-only mapping of the file in this process, used only as
+	// an address range for mlock(2): never touch its bytes (see doc.go).
+	pin       []byte
+	pinned    *pageset.Set
+	pinWarned bool
+
 	mu        sync.Mutex
 	cond      *sync.Cond
 	enqueued  uint64
@@ -119,6 +130,8 @@ type Stats struct {
 	Unaligned      int64 // writes refused for not being page aligned
 	QueueBlocked   int64 // writes that had to wait for queue space
 	Barriers       int64
+	PinnedBytes    int64 // written pages locked in the page cache
+	PinFailures    int64
 }
 
 // Mount mounts a new memfs on dir (which must exist) and serves it until
@@ -212,6 +225,12 @@ func Mount(ctx context.Context, dir string, opts Options) (*FS, error) {
 		fs.Unmount()
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
+	if !opts.NoPin {
+		if err := fs.mapForPinning(); err != nil {
+			fs.Unmount()
+			return nil, fmt.Errorf("%s: %w", op, err)
+		}
+	}
 	fs.log.Info("mounted", "size", opts.Size, "bdi", fs.bdi.Name, "max_write", opts.MaxWrite, "writeback_cache", !opts.NoWritebackCache)
 	return fs, nil
 }
@@ -302,6 +321,15 @@ func (fs *FS) Barrier(ctx context.Context) error {
 // Unmount detaches the filesystem and stops delivery after the queue has
 // drained to the sink.
 func (fs *FS) Unmount() error {
+	fs.mu.Lock()
+	pin := fs.pin
+	fs.pin = nil
+	fs.mu.Unlock()
+	if pin != nil {
+		// A syscall, so safe for this process: unmapping writes back
+		// through our own FUSE server, which is still running.
+		unix.Munmap(pin)
+	}
 	err := fs.srv.Unmount()
 	if err != nil {
 		// A busy mount (the file still mapped) cannot go cleanly; detach
@@ -533,7 +561,73 @@ func (fs *FS) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint
 	// blocks.
 	fs.items <- item{off: off, buf: buf, full: buf, seq: seq}
 	fs.mu.Unlock()
+	fs.pinRange(off/PageSize, int64(n/PageSize))
 	return uint32(n), fuse.OK
+}
+
+// mapForPinning maps the file read-only into this process. The mapping is
+// only ever passed to mlock, which faults pages in inside the system call;
+// a Go thread in a system call does not block the garbage collector, so
+// the pages' FUSE traffic is served normally.
+func (fs *FS) mapForPinning() error {
+	f, err := os.Open(fs.Path())
+	if err != nil {
+		return fmt.Errorf("open file for pinning: %w", err)
+	}
+	defer f.Close()
+	m, err := unix.Mmap(int(f.Fd()), 0, int(fs.opts.Size), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return fmt.Errorf("map file for pinning: %w", err)
+	}
+	fs.pin = m
+	fs.pinned = pageset.New(fs.opts.Size / PageSize)
+	return nil
+}
+
+// pinRange locks written pages into the page cache the first time they are
+// written back. Once written back a page is clean and evictable, and its
+// newest content exists only on the backup (or in flight to it): the kernel
+// must not drop it and read a stale version from the Source. Locking all
+// guest RAM up front (QEMU mem-lock) would fault in every page and defeat
+// lazy restore; pages that were never written can be evicted and read from
+// the Source again, which still holds them.
+func (fs *FS) pinRange(first, count int64) {
+	fs.mu.Lock()
+	if fs.pin == nil {
+		fs.mu.Unlock()
+		return
+	}
+	var runs [][2]int64
+	start := int64(-1)
+	for p := first; p <= first+count; p++ {
+		if p < first+count && !fs.pinned.Has(p) {
+			if start < 0 {
+				start = p
+			}
+			continue
+		}
+		if start >= 0 {
+			runs = append(runs, [2]int64{start, p - start})
+			fs.pinned.AddRange(start, p-start)
+			start = -1
+		}
+	}
+	pin := fs.pin
+	fs.mu.Unlock()
+	for _, r := range runs {
+		err := unix.Mlock(pin[r[0]*PageSize : (r[0]+r[1])*PageSize])
+		fs.mu.Lock()
+		if err != nil {
+			fs.stats.PinFailures++
+			if !fs.pinWarned {
+				fs.pinWarned = true
+				fs.log.Error("cannot lock written pages in memory (CAP_IPC_LOCK?); an evicted page will read as EIO", "err", err)
+			}
+		} else {
+			fs.stats.PinnedBytes += r[1] * PageSize
+		}
+		fs.mu.Unlock()
+	}
 }
 
 // Read serves pages that are not in the page cache from the Source.

@@ -193,7 +193,7 @@ func Run(ctx context.Context, spec Spec) (Result, error) {
 	if jerr := json.Unmarshal([]byte(lines[len(lines)-1]), &res); jerr != nil {
 		var stderr []byte
 		if ee, ok := err.(*exec.ExitError); ok {
-			stderr = ee.Stderr
+			stderr = ee.Stderr[:min(len(ee.Stderr), 300)] // the cause, not every goroutine
 		}
 		return res, fmt.Errorf("writer %s: %v (output %q, stderr %q)", spec.Mode, err, out, stderr)
 	}
