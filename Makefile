@@ -32,8 +32,11 @@ test: provision guest build
 demo: provision guest build
 	bash hostd/demo/demo.sh
 
+# go vet plus staticcheck, pinned, fetched through the Go module proxy.
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 lint:
 	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
 
 bench: bench-platform bench-dataplane
 

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 )
 
 // ErrNotFound is returned for a key that is not in its bucket.
@@ -33,7 +34,7 @@ func Open(dir string, timeout time.Duration) (*Store, error) {
 	path := filepath.Join(dir, "hostd.db")
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: timeout})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
+		if errors.Is(err, berrors.ErrTimeout) {
 			return nil, fmt.Errorf("open store %s: locked by another process (is another hostd running on this state_dir?)", path)
 		}
 		return nil, fmt.Errorf("open store %s: %w", path, err)

@@ -20,7 +20,7 @@ func wrapErr(op string, err error) error {
 	if !errors.As(err, &lverr) {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	sentinel, hint := classify(lverr)
+	hint, sentinel := classify(lverr)
 	return &opError{op: op, sentinel: sentinel, hint: hint, err: err, msg: lverr.Message}
 }
 
@@ -49,18 +49,18 @@ func (e *opError) Unwrap() []error {
 }
 
 // classify maps a libvirt error to a xen sentinel and a hint on what to do.
-func classify(e golibvirt.Error) (sentinel error, hint string) {
+func classify(e golibvirt.Error) (hint string, sentinel error) {
 	switch {
 	case isConnError(e):
-		return xen.ErrUnavailable, "libvirtd is unreachable; check that it runs, the call can be retried"
+		return "libvirtd is unreachable; check that it runs, the call can be retried", xen.ErrUnavailable
 	case e.Code == golibvirt.ERR_NO_DOMAIN:
-		return xen.ErrNotFound, "check the name, or define the domain first"
+		return "check the name, or define the domain first", xen.ErrNotFound
 	case e.Code == golibvirt.ERR_DOM_EXIST:
-		return xen.ErrExists, "pick another name or undefine the old domain"
+		return "pick another name or undefine the old domain", xen.ErrExists
 	case e.Code == golibvirt.ERR_OPERATION_INVALID:
-		return xen.ErrState, "read the domain's state and retry the operation that fits it"
+		return "read the domain's state and retry the operation that fits it", xen.ErrState
 	}
-	return nil, ""
+	return "", nil
 }
 
 // isConnError reports whether err means the connection to libvirtd is gone
