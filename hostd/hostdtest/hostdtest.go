@@ -53,6 +53,7 @@ type Daemon struct {
 	cmd    *exec.Cmd
 	exited chan error
 	netns  string
+	env    []string
 }
 
 // Options tune a daemon before it starts.
@@ -63,6 +64,8 @@ type Options struct {
 	// Netns runs the daemon inside that network namespace (a test's
 	// stand-in host); it still reaches libvirtd, whose socket is a file.
 	Netns string
+	// Env is added to the daemon's environment (e.g. NOTIFY_SOCKET).
+	Env []string
 }
 
 // Start writes a configuration and starts hostd, and returns once its
@@ -92,7 +95,7 @@ func Start(tb testing.TB, binDir string, o Options) *Daemon {
 	if o.Edit != nil {
 		o.Edit(&cfg)
 	}
-	d := &Daemon{tb: tb, BinDir: binDir, Dir: dir, Config: cfg, Image: img, netns: o.Netns}
+	d := &Daemon{tb: tb, BinDir: binDir, Dir: dir, Config: cfg, Image: img, netns: o.Netns, env: o.Env}
 	var buf bytes.Buffer
 	if err := toml.NewEncoder(&buf).Encode(cfg); err != nil {
 		tb.Fatal(err)
@@ -130,6 +133,7 @@ func (d *Daemon) start() {
 	}
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(), d.env...)
 	// Its own process group: a kill -9 of the test's daemon hits nothing else.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -176,6 +180,14 @@ func (d *Daemon) Kill9() {
 	_ = d.cmd.Process.Signal(syscall.SIGKILL)
 	<-d.exited
 	d.cmd = nil
+}
+
+// PID is the running daemon's process ID (0 if stopped).
+func (d *Daemon) PID() int {
+	if d.cmd == nil {
+		return 0
+	}
+	return d.cmd.Process.Pid
 }
 
 // Stop ends the daemon gracefully (SIGTERM), waiting up to 30 s.
