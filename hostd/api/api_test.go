@@ -71,7 +71,7 @@ func start(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := srv.Listen(ctx, cfg.API.Socket)
+	l, err := srv.Listen(cfg.API.Socket)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -182,7 +182,7 @@ func (s *Server) Handler() http.Handler { return s.mux }
 // Listen creates the socket at path (mode 0660, owned by the hostd group)
 // and serves until ctx ends or Shutdown is called. A stale socket file left
 // by a killed daemon is removed first; a live one (another daemon) is not.
-func (s *Server) Listen(ctx context.Context, path string) (net.Listener, error) {
+func (s *Server) Listen(path string) (net.Listener, error) {
 	if c, err := net.DialTimeout("unix", path, 200*time.Millisecond); err == nil {
 		c.Close()
 		return nil, fmt.Errorf("listen on %s: another process is serving this socket (another hostd?)", path)

@@ -96,7 +96,7 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return fmt.Errorf("run hostd: %w", err)
 	}
-	l, err := srv.Listen(ctx, cfg.API.Socket)
+	l, err := srv.Listen(cfg.API.Socket)
 	if err != nil {
 		return fmt.Errorf("run hostd: %w", err)
 	}
