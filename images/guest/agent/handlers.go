@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/hex"
 	"fmt"
 	"os"
@@ -46,6 +47,8 @@ func (a *agent) dispatch(req agentapi.Request, args any) agentapi.Response {
 		result = agentapi.ExpectedResult{SHA256: hex.EncodeToString(sum[:])}
 	case agentapi.CmdEcho:
 		result, err = a.echoCmd(args.(agentapi.EchoArgs))
+	case agentapi.CmdProbe:
+		result, err = probe(context.Background(), args.(agentapi.ProbeArgs))
 	case agentapi.CmdMemInfo:
 		var kib map[string]uint64
 		kib, err = readMemInfo()

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"regexp"
 )
 
@@ -42,6 +43,7 @@ const (
 	CmdMemInfo  = "meminfo"
 	CmdStats    = "stats"
 	CmdExpected = "expected"
+	CmdProbe    = "probe"
 )
 
 // Request is one line from the host.
@@ -77,6 +79,67 @@ type RegionArgs struct {
 type EchoArgs struct {
 	Action string `json:"action"` // "start" or "stop"
 	Port   uint16 `json:"port"`   // required for start
+}
+
+// Probe limits: a probe holds the agent's port until it ends (requests are
+// answered in order), so its worst case, Count*(IntervalMS+TimeoutMS), is
+// bounded too.
+const (
+	MaxProbeCount      = 10000
+	MaxProbeIntervalMS = 10000
+	MaxProbeTimeoutMS  = 30000
+	MaxProbeTotalMS    = 300000
+	// MinProbeSize leaves room for the probe's sequence header.
+	MinProbeSize = 16
+	// MaxProbeSizeUDP is the largest UDP payload over IPv4; TCP probes may
+	// be as large as MaxProbeSizeTCP.
+	MaxProbeSizeUDP = 65507
+	MaxProbeSizeTCP = 1 << 20
+)
+
+// ProbeArgs sends Count echo requests of Size bytes to an echo server
+// (another guest's hostd.echo, say) and measures what comes back: how a
+// test checks connectivity between two guests from inside one of them.
+type ProbeArgs struct {
+	Addr  string `json:"addr"`  // "ip:port" ("[ip6]:port" for IPv6)
+	Proto string `json:"proto"` // "udp" or "tcp"
+	Count uint32 `json:"count"`
+	// IntervalMS is the pause after each probe's echo (or timeout); 0
+	// sends the next probe at once.
+	IntervalMS uint32 `json:"interval_ms"`
+	// TimeoutMS is how long one probe waits for its echo (TCP: including
+	// a reconnect after a lost probe).
+	TimeoutMS uint32 `json:"timeout_ms"`
+	// Size is the payload of one probe: the UDP datagram, or the bytes
+	// written to (and read back from) the TCP stream.
+	Size uint32 `json:"size"`
+}
+
+// ProbeResult answers probe. RTTs are of the probes that were answered,
+// in microseconds; all zero when none was.
+type ProbeResult struct {
+	Addr     string `json:"addr"`
+	Proto    string `json:"proto"`
+	Size     uint32 `json:"size"`
+	Sent     uint32 `json:"sent"`
+	Received uint32 `json:"received"`
+	Lost     uint32 `json:"lost"`
+	// Mismatched counts echoes whose contents differed from the probe
+	// (they are also counted as lost).
+	Mismatched uint32 `json:"mismatched"`
+	// Connects counts TCP connections made: 1 when no probe was lost.
+	Connects  uint32 `json:"connects,omitempty"`
+	RTTUsMin  uint64 `json:"rtt_us_min"`
+	RTTUsP50  uint64 `json:"rtt_us_p50"`
+	RTTUsP90  uint64 `json:"rtt_us_p90"`
+	RTTUsMax  uint64 `json:"rtt_us_max"`
+	LocalAddr string `json:"local_addr,omitempty"` // the guest's source ip:port
+	// PathMTU is the kernel's MTU towards Addr (IP_MTU of the socket):
+	// the guest's eth0 MTU unless a route or PMTU says less.
+	PathMTU int `json:"path_mtu,omitempty"`
+	// LastError is the last send or receive error, if any probe had one.
+	LastError string `json:"last_error,omitempty"`
+	ElapsedMS uint64 `json:"elapsed_ms"`
 }
 
 // ExpectedArgs asks the agent to compute, without touching any region,
@@ -218,6 +281,12 @@ func decodeArgs(cmd string, raw json.RawMessage) (any, error) {
 			return nil, err
 		}
 		return a, a.Validate()
+	case CmdProbe:
+		var a ProbeArgs
+		if err := decodeInto(cmd, raw, empty, &a); err != nil {
+			return nil, err
+		}
+		return a, a.Validate()
 	case "":
 		return nil, fmt.Errorf("missing cmd: %w", ErrBadRequest)
 	default:
@@ -284,6 +353,43 @@ func (a EchoArgs) Validate() error {
 	case "stop":
 	default:
 		return fmt.Errorf("echo: action %q is neither start nor stop: %w", a.Action, ErrBadRequest)
+	}
+	return nil
+}
+
+// Validate checks a probe request.
+func (a ProbeArgs) Validate() error {
+	ap, err := netip.ParseAddrPort(a.Addr)
+	if err != nil {
+		return fmt.Errorf("probe: addr %q is not ip:port: %v: %w", a.Addr, err, ErrBadRequest)
+	}
+	if ip := ap.Addr(); ap.Port() == 0 || ip.IsUnspecified() || ip.IsMulticast() || ip.Zone() != "" {
+		return fmt.Errorf("probe: addr %q must be a unicast ip (no zone) and a port 1-65535: %w", a.Addr, ErrBadRequest)
+	}
+	maxSize := uint32(0)
+	switch a.Proto {
+	case "udp":
+		maxSize = MaxProbeSizeUDP
+	case "tcp":
+		maxSize = MaxProbeSizeTCP
+	default:
+		return fmt.Errorf("probe: proto %q is neither udp nor tcp: %w", a.Proto, ErrBadRequest)
+	}
+	if a.Count == 0 || a.Count > MaxProbeCount {
+		return fmt.Errorf("probe: count %d not in [1, %d]: %w", a.Count, MaxProbeCount, ErrBadRequest)
+	}
+	if a.IntervalMS > MaxProbeIntervalMS {
+		return fmt.Errorf("probe: interval_ms %d above %d: %w", a.IntervalMS, MaxProbeIntervalMS, ErrBadRequest)
+	}
+	if a.TimeoutMS == 0 || a.TimeoutMS > MaxProbeTimeoutMS {
+		return fmt.Errorf("probe: timeout_ms %d not in [1, %d]: %w", a.TimeoutMS, MaxProbeTimeoutMS, ErrBadRequest)
+	}
+	if a.Size < MinProbeSize || a.Size > maxSize {
+		return fmt.Errorf("probe: size %d not in [%d, %d] for %s: %w", a.Size, MinProbeSize, maxSize, a.Proto, ErrBadRequest)
+	}
+	if total := uint64(a.Count) * uint64(a.IntervalMS+a.TimeoutMS); total > MaxProbeTotalMS {
+		return fmt.Errorf("probe: count*(interval_ms+timeout_ms) = %d ms exceeds %d ms; the agent answers nothing else meanwhile, send fewer or shorter probes: %w",
+			total, MaxProbeTotalMS, ErrBadRequest)
 	}
 	return nil
 }

@@ -26,6 +26,10 @@ func TestDecodeRequest(t *testing.T) {
 		{`{"id":9,"cmd":"echo","args":{"action":"stop"}}`, CmdEcho, EchoArgs{Action: "stop"}},
 		{`{"id":10,"cmd":"expected","args":{"size_mib":2,"seed":3,"passes_done":4,"page_in_pass":511}}`, CmdExpected,
 			ExpectedArgs{SizeMiB: 2, Seed: 3, PassesDone: 4, PageInPass: 511}},
+		{`{"id":11,"cmd":"probe","args":{"addr":"10.0.0.2:7","proto":"udp","count":20,"interval_ms":10,"timeout_ms":1000,"size":1422}}`, CmdProbe,
+			ProbeArgs{Addr: "10.0.0.2:7", Proto: "udp", Count: 20, IntervalMS: 10, TimeoutMS: 1000, Size: 1422}},
+		{`{"id":12,"cmd":"probe","args":{"addr":"[fd00::2]:7","proto":"tcp","count":1,"timeout_ms":30000,"size":1048576}}`, CmdProbe,
+			ProbeArgs{Addr: "[fd00::2]:7", Proto: "tcp", Count: 1, TimeoutMS: 30000, Size: 1 << 20}},
 	}
 	for _, g := range good {
 		req, args, err := DecodeRequest([]byte(g.line))
@@ -63,6 +67,25 @@ func TestDecodeRequest(t *testing.T) {
 		{`{"id":18,"cmd":"dirty","args":[1]}`, 18, "dirty args"},
 		{`{"id":19,"cmd":"expected","args":{"size_mib":1,"page_in_pass":256}}`, 19, "page_in_pass 256"},
 		{`{"id":20,"cmd":"expected","args":{"seed":1}}`, 20, "size_mib 0"},
+		{`{"id":21,"cmd":"probe"}`, 21, "missing args"},
+		{probeLine(`"addr":"10.0.0.2"`), 22, "not ip:port"},
+		{probeLine(`"addr":"guest-b:7"`), 22, "not ip:port"},
+		{probeLine(`"addr":"10.0.0.2:0"`), 22, "port 1-65535"},
+		{probeLine(`"addr":"0.0.0.0:7"`), 22, "unicast"},
+		{probeLine(`"addr":"224.0.0.1:7"`), 22, "unicast"},
+		{probeLine(`"addr":"[fe80::1%eth0]:7"`), 22, "no zone"},
+		{probeLine(`"proto":"sctp"`), 22, `proto "sctp"`},
+		{probeLine(`"count":0`), 22, "count 0"},
+		{probeLine(`"count":10001`), 22, "count 10001"},
+		{probeLine(`"interval_ms":10001`), 22, "interval_ms 10001"},
+		{probeLine(`"timeout_ms":0`), 22, "timeout_ms 0"},
+		{probeLine(`"timeout_ms":30001`), 22, "timeout_ms 30001"},
+		{probeLine(`"size":15`), 22, "size 15 not in [16, 65507] for udp"},
+		{probeLine(`"size":65508`), 22, "size 65508"},
+		{probeLine(`"proto":"tcp","size":1048577`), 22, "size 1048577 not in [16, 1048576] for tcp"},
+		{probeLine(`"count":10000,"interval_ms":30,"timeout_ms":1000`), 22, "exceeds 300000 ms"},
+		{probeLine(`"count":-1`), 22, "probe args"},
+		{probeLine(`"cnt":1`), 22, "unknown field"},
 	}
 	for _, b := range bad {
 		req, _, err := DecodeRequest([]byte(b.line))
@@ -87,6 +110,12 @@ func TestDecodeRequest(t *testing.T) {
 	}
 }
 
+// probeLine is request 22, a valid UDP probe with some fields overridden
+// (JSON keeps the last of duplicate keys).
+func probeLine(override string) string {
+	return `{"id":22,"cmd":"probe","args":{"addr":"10.0.0.2:7","proto":"udp","count":5,"interval_ms":10,"timeout_ms":500,"size":64,` + override + `}}`
+}
+
 func TestParseCompact(t *testing.T) {
 	req, args, err := ParseCompact("dirty,region=boot,size_mib=8,seed=1,passes=0,rate_mib_s=4")
 	if err != nil {
@@ -101,6 +130,10 @@ func TestParseCompact(t *testing.T) {
 	}
 	if _, args, err := ParseCompact("stop,region=123"); err != nil || args != (RegionArgs{Region: "123"}) {
 		t.Errorf("numeric region: %#v %v", args, err)
+	}
+	if _, args, err := ParseCompact("probe,addr=10.0.0.2:7,proto=tcp,count=3,timeout_ms=500,size=64"); err != nil ||
+		args != (ProbeArgs{Addr: "10.0.0.2:7", Proto: "tcp", Count: 3, TimeoutMS: 500, Size: 64}) {
+		t.Errorf("probe: %#v %v", args, err)
 	}
 	if _, _, err := ParseCompact("ping"); err != nil {
 		t.Errorf("ping: %v", err)

@@ -11,7 +11,7 @@ import (
 // into the JSON request the agent would have received over the port, so
 // both forms share one parser and one set of rules. Values that parse as
 // unsigned integers become JSON numbers, everything else strings, except
-// for the string-typed arguments (region, action), which stay strings even
+// for the string-typed arguments (region, action, addr, proto), which stay strings even
 // when they look like numbers.
 func ParseCompact(s string) (Request, any, error) {
 	if s == "" {
@@ -49,7 +49,7 @@ func ParseCompact(s string) (Request, any, error) {
 }
 
 // stringArgs are the argument names whose JSON type is string.
-var stringArgs = map[string]bool{"region": true, "action": true}
+var stringArgs = map[string]bool{"region": true, "action": true, "addr": true, "proto": true}
 
 // BootOptions are the hostd.* options of the kernel command line.
 type BootOptions struct {

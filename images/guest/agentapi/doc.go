@@ -25,7 +25,21 @@
 // parsed at all). args is an object whose shape depends on cmd (the *Args
 // types below; unknown fields are rejected); result is the matching *Result
 // type. Commands: ping, dirty, stop, checksum, expected, ops, echo,
-// meminfo, stats.
+// probe, meminfo, stats.
+//
+// probe has the guest itself send count echo requests of size bytes, one
+// after another, to an echo server (another guest's hostd.echo) and report
+// sent, received, lost and round-trip percentiles; it is how a test checks
+// a network path between two guests from inside them:
+//
+//	{"id":9,"cmd":"probe","args":{"addr":"10.0.0.2:7","proto":"udp","count":20,"interval_ms":10,"timeout_ms":1000,"size":64}}
+//	{"id":9,"ok":true,"result":{"sent":20,"received":20,"lost":0,"rtt_us_p50":850,"path_mtu":1450,...}}
+//
+// A probe waits timeout_ms for its echo and then interval_ms before the
+// next one; requests are answered in order, so the port is busy for up to
+// count*(interval_ms+timeout_ms), which is capped (MaxProbeTotalMS). Lost
+// probes are counted, not errors. A TCP probe writes size bytes on one
+// connection and reads them back; after a loss it reconnects.
 //
 // # Readiness
 //

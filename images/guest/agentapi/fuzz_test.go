@@ -17,6 +17,9 @@ func FuzzDecodeRequest(f *testing.F) {
 		`{"id":8,"cmd":"echo","args":{"action":"start","port":7}}`,
 		`{"id":2,"cmd":"stats","args":{}}`,
 		`{"cmd":"checksum","args":{"region":"r"}}`,
+		`{"id":6,"cmd":"probe","args":{"addr":"10.0.0.2:7","proto":"udp","count":3,"interval_ms":10,"timeout_ms":500,"size":64}}`,
+		`{"id":7,"cmd":"probe","args":{"addr":"[fd00::2]:7","proto":"tcp","count":1,"timeout_ms":1,"size":1048576}}`,
+		`{"id":7,"cmd":"probe","args":{"addr":"10.0.0.2:0","proto":"sctp","count":0,"size":1}}`,
 		`{"id":3,"cmd":"expected","args":{"size_mib":1,"seed":2,"passes_done":1,"page_in_pass":5}}`,
 		`garbage`, `{}`, `null`, `[]`, `{"id":-1}`,
 	} {
@@ -51,6 +54,10 @@ func FuzzDecodeRequest(f *testing.F) {
 			if req.Cmd != CmdEcho || a.Validate() != nil {
 				t.Fatalf("cmd %q with invalid %+v accepted", req.Cmd, a)
 			}
+		case ProbeArgs:
+			if req.Cmd != CmdProbe || a.Validate() != nil {
+				t.Fatalf("cmd %q with invalid %+v accepted", req.Cmd, a)
+			}
 		default:
 			t.Fatalf("unexpected args type %T", args)
 		}
@@ -70,7 +77,7 @@ func FuzzDecodeRequest(f *testing.F) {
 // FuzzParseCompact: the boot-time form fails cleanly or yields a request
 // DecodeRequest accepts.
 func FuzzParseCompact(f *testing.F) {
-	for _, s := range []string{"ping", "dirty,region=boot,size_mib=8,seed=1", "echo,action=start,port=7", "a,b=c,=", ",,,"} {
+	for _, s := range []string{"ping", "dirty,region=boot,size_mib=8,seed=1", "echo,action=start,port=7", "probe,addr=10.0.0.2:7,proto=tcp,count=5,timeout_ms=100,size=16", "a,b=c,=", ",,,"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {

@@ -218,6 +218,15 @@ func (c *Client) EchoStop(ctx context.Context) (agentapi.EchoResult, error) {
 	return r, c.Call(ctx, agentapi.CmdEcho, agentapi.EchoArgs{Action: "stop"}, &r)
 }
 
+// Probe has the guest send echo requests to an echo server (typically
+// another guest's hostd.echo) and report what came back. The agent answers
+// nothing else until the probe ends, after at most
+// Count*(IntervalMS+TimeoutMS); ctx must allow for that.
+func (c *Client) Probe(ctx context.Context, args agentapi.ProbeArgs) (agentapi.ProbeResult, error) {
+	var r agentapi.ProbeResult
+	return r, c.Call(ctx, agentapi.CmdProbe, args, &r)
+}
+
 // MemInfo returns the guest's /proc/meminfo in KiB.
 func (c *Client) MemInfo(ctx context.Context) (agentapi.MemInfoResult, error) {
 	var r agentapi.MemInfoResult
