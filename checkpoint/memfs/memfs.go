@@ -98,7 +98,11 @@ type FS struct {
 	// pin is a read-only mapping of the file in this process, used only as
 	// an address range for mlock(2): never touch its bytes (see doc.go).
 	pin       []byte
-	pinned    *pageset.Set
+	pinned    *pageset.Set // pages handed to the pinner (locked or failed)
+	toPin     *pageset.Set // pages the pinner has yet to lock
+	pinKick   chan struct{}
+	pinCancel context.CancelFunc
+	pinEnd    chan struct{}
 	pinWarned bool
 
 	mu        sync.Mutex
@@ -321,6 +325,12 @@ func (fs *FS) Barrier(ctx context.Context) error {
 // Unmount detaches the filesystem and stops delivery after the queue has
 // drained to the sink.
 func (fs *FS) Unmount() error {
+	if fs.pinCancel != nil {
+		// The pinner may sit in mlock waiting for a page the kernel is
+		// writing back; the FUSE server still runs, so that ends.
+		fs.pinCancel()
+		<-fs.pinEnd
+	}
 	fs.mu.Lock()
 	pin := fs.pin
 	fs.pin = nil
@@ -561,7 +571,7 @@ func (fs *FS) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint
 	// blocks.
 	fs.items <- item{off: off, buf: buf, full: buf, seq: seq}
 	fs.mu.Unlock()
-	fs.pinRange(off/PageSize, int64(n/PageSize))
+	fs.schedulePin(off/PageSize, int64(n/PageSize))
 	return uint32(n), fuse.OK
 }
 
@@ -581,52 +591,85 @@ func (fs *FS) mapForPinning() error {
 	}
 	fs.pin = m
 	fs.pinned = pageset.New(fs.opts.Size / PageSize)
+	fs.toPin = pageset.New(fs.opts.Size / PageSize)
+	fs.pinKick = make(chan struct{}, 1)
+	fs.pinEnd = make(chan struct{})
+	var ctx context.Context
+	ctx, fs.pinCancel = context.WithCancel(fs.ctx)
+	go fs.pinner(ctx)
 	return nil
 }
 
-// pinRange locks written pages into the page cache the first time they are
-// written back. Once written back a page is clean and evictable, and its
-// newest content exists only on the backup (or in flight to it): the kernel
-// must not drop it and read a stale version from the Source. Locking all
-// guest RAM up front (QEMU mem-lock) would fault in every page and defeat
-// lazy restore; pages that were never written can be evicted and read from
+// schedulePin hands pages written back for the first time to the pinner.
+//
+// Why pin: once written back a page is clean and evictable, and its newest
+// content exists only in the page cache and on its way to the backup: the
+// kernel must not drop it and read a stale version from the Source.
+// Locking all guest RAM up front (QEMU mem-lock) would fault in every page
+// and defeat lazy restore; pages never written may be evicted and read from
 // the Source again, which still holds them.
-func (fs *FS) pinRange(first, count int64) {
-	fs.mu.Lock()
-	if fs.pin == nil {
-		fs.mu.Unlock()
+//
+// Why another goroutine: mlock faults the page in and so waits for its
+// folio lock. A guest re-dirtying that page holds the folio lock while it
+// waits for the page's writeback, i.e. for a FUSE WRITE to return. If that
+// WRITE (or the queue it waits on) depended on the mlock, nothing would
+// move again. The pinner depends on nothing that writeback needs.
+func (fs *FS) schedulePin(first, count int64) {
+	if fs.toPin == nil {
 		return
 	}
-	var runs [][2]int64
-	start := int64(-1)
-	for p := first; p <= first+count; p++ {
-		if p < first+count && !fs.pinned.Has(p) {
-			if start < 0 {
-				start = p
-			}
-			continue
-		}
-		if start >= 0 {
-			runs = append(runs, [2]int64{start, p - start})
-			fs.pinned.AddRange(start, p-start)
-			start = -1
+	fs.mu.Lock()
+	added := false
+	for p := first; p < first+count; p++ {
+		if !fs.pinned.Has(p) {
+			fs.pinned.AddRange(p, 1)
+			fs.toPin.AddRange(p, 1)
+			added = true
 		}
 	}
-	pin := fs.pin
 	fs.mu.Unlock()
-	for _, r := range runs {
-		err := unix.Mlock(pin[r[0]*PageSize : (r[0]+r[1])*PageSize])
-		fs.mu.Lock()
-		if err != nil {
-			fs.stats.PinFailures++
-			if !fs.pinWarned {
-				fs.pinWarned = true
-				fs.log.Error("cannot lock written pages in memory (CAP_IPC_LOCK?); an evicted page will read as EIO", "err", err)
-			}
-		} else {
-			fs.stats.PinnedBytes += r[1] * PageSize
+	if added {
+		select {
+		case fs.pinKick <- struct{}{}:
+		default:
 		}
+	}
+}
+
+// pinner locks scheduled pages until ctx ends.
+func (fs *FS) pinner(ctx context.Context) {
+	defer close(fs.pinEnd)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-fs.pinKick:
+		}
+		fs.mu.Lock()
+		var runs [][2]int64
+		fs.toPin.Runs(256, func(first, n int64) bool {
+			runs = append(runs, [2]int64{first, n})
+			return true
+		})
+		fs.toPin.Clear()
 		fs.mu.Unlock()
+		for _, r := range runs {
+			if ctx.Err() != nil {
+				return
+			}
+			err := unix.Mlock(fs.pin[r[0]*PageSize : (r[0]+r[1])*PageSize])
+			fs.mu.Lock()
+			if err != nil {
+				fs.stats.PinFailures++
+				if !fs.pinWarned {
+					fs.pinWarned = true
+					fs.log.Error("cannot lock written pages in memory (CAP_IPC_LOCK?); an evicted page will read as EIO", "err", err)
+				}
+			} else {
+				fs.stats.PinnedBytes += r[1] * PageSize
+			}
+			fs.mu.Unlock()
+		}
 	}
 }
 
