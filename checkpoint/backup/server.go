@@ -31,6 +31,7 @@ type Server struct {
 	tls   *tls.Config
 	log   *slog.Logger
 	hsTO  time.Duration
+	max   uint64
 
 	mu       sync.Mutex
 	sessions map[string]*session // by VM id
@@ -42,6 +43,9 @@ type Options struct {
 	// HandshakeTimeout bounds the TLS handshake and the Hello; a peer that
 	// connects and says nothing is dropped. Default 10 s.
 	HandshakeTimeout time.Duration
+	// MaxImageSize bounds the guest RAM a peer may announce; the store
+	// sizes its checksum table from it. Default 1 TiB.
+	MaxImageSize uint64
 }
 
 // New makes a server. tlsConf must require and verify client certificates
@@ -58,7 +62,11 @@ func New(store *backupstore.Store, tlsConf *tls.Config, opts Options) (*Server, 
 	if to == 0 {
 		to = 10 * time.Second
 	}
-	return &Server{store: store, tls: tlsConf, log: l.With("component", "backup"), hsTO: to, sessions: map[string]*session{}}, nil
+	maxImg := opts.MaxImageSize
+	if maxImg == 0 {
+		maxImg = 1 << 40
+	}
+	return &Server{store: store, tls: tlsConf, log: l.With("component", "backup"), hsTO: to, max: maxImg, sessions: map[string]*session{}}, nil
 }
 
 // Serve accepts connections on ln until ctx ends, then closes ln and every
@@ -130,6 +138,11 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 	conn.SetReadDeadline(time.Time{})
 	if hello.Version != wire.Version {
 		s.sendError(w, wire.CodeProtocol, fmt.Sprintf("protocol version %d, server speaks %d", hello.Version, wire.Version))
+		return
+	}
+	if hello.ImageSize > s.max {
+		log.Warn("rejected peer: image too large", "size", hello.ImageSize)
+		s.sendError(w, wire.CodeProtocol, fmt.Sprintf("image of %d bytes exceeds this server's limit of %d", hello.ImageSize, s.max))
 		return
 	}
 	log = log.With("vm", hello.VMID)

@@ -293,6 +293,16 @@ func TestRejectsMalformed(t *testing.T) {
 		{"commit mismatch", mismatch, wire.CodeMismatch},
 		{"second hello", must(wire.AppendFrame(nil, &wire.Hello{Version: 1, VMID: "vm1", ImageSize: imgSize, Epoch: 1})), wire.CodeProtocol},
 	}
+	// An absurd image size is refused before anything is created.
+	tc, _ := pki.DirClientConfig(e.pki, "host1", "127.0.0.1")
+	if _, err := backupclient.Open(context.Background(), backupclient.Config{Addr: e.addr, TLS: tc, VMID: "huge", ImageSize: 1 << 50, Logger: quiet()}); err == nil {
+		t.Fatal("2^50-byte image accepted")
+	} else {
+		t.Logf("huge image: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(e.store, "huge")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("huge VM created: %v", err)
+	}
 	for _, c := range cases {
 		conn, r := rawSession(t, e, "vm1")
 		conn.Write(c.bytes)
