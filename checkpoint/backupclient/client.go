@@ -440,6 +440,9 @@ func (s *Stream) Reconnect(ctx context.Context) error {
 	s.sent = map[uint64]*pageset.Set{}
 	s.acked, s.epoch = committed, committed+1
 	s.startEpoch()
+	// Owe every page at once: if the resend fails half way, the next
+	// Reconnect still knows all of them.
+	s.sent[s.epoch].Union(pending)
 	if pending.Count() > 0 && s.cfg.Source == nil {
 		return fmt.Errorf("%s: %d pages to resend and no source", op, pending.Count())
 	}
@@ -458,7 +461,6 @@ func (s *Stream) Reconnect(ctx context.Context) error {
 		if full && committed == 0 && allZero(b) {
 			return true // a new backup image reads zero there anyway
 		}
-		s.sent[s.epoch].AddRange(first, n)
 		rerr = s.sendLocked(op, first*wire.PageSize, b)
 		resent += int64(len(b))
 		return rerr == nil

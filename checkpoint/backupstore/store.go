@@ -93,6 +93,12 @@ func (s *Store) VM(id string, imageSize int64, create bool) (*VM, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if v, ok := s.vms[id]; ok && v.isClosed() {
+		// A failed apply closed it: reopening runs recovery, which
+		// finishes the committed epoch.
+		v.close()
+		delete(s.vms, id)
+	}
 	if v, ok := s.vms[id]; ok {
 		if imageSize != 0 && v.size != imageSize {
 			return nil, fmt.Errorf("open vm backup %s: image is %d bytes, asked %d: %w", id, v.size, imageSize, ErrRange)
@@ -314,6 +320,12 @@ func epochOf(name, prefix string) (uint64, bool) {
 
 func (v *VM) path(kind string, epoch uint64) string {
 	return filepath.Join(v.dir, kind+"-"+strconv.FormatUint(epoch, 10))
+}
+
+func (v *VM) isClosed() bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.closed
 }
 
 // ID is the VM's id.

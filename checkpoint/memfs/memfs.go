@@ -305,12 +305,12 @@ func (fs *FS) Barrier(ctx context.Context) error {
 	err := fs.sinkErr
 	fs.sinkErr = nil
 	fs.stats.Barriers++
-	closed := fs.closed
+	undelivered := fs.closed && fs.delivered < target
 	fs.mu.Unlock()
 	if e := ctx.Err(); e != nil {
 		return fmt.Errorf("memfs barrier: %w", e)
 	}
-	if closed && fs.delivered < target {
+	if undelivered {
 		return fmt.Errorf("memfs barrier: unmounted with writes undelivered")
 	}
 	if err != nil {
