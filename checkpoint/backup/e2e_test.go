@@ -7,25 +7,17 @@ import (
 	"testing"
 	"time"
 
-	"hostd/checkpoint/backupstore"
 	"hostd/checkpoint/memfs"
 	"hostd/checkpoint/memfs/memfstest"
 )
 
-// storeSource serves a memfs's missing pages from a backup image: a lazy
-// restore with the backup on the same machine.
-type storeSource struct{ v *backupstore.VM }
-
-func (s storeSource) ReadPages(_ context.Context, off int64, p []byte) error {
-	_, err := s.v.ReadAt(p, off)
-	return err
-}
-
 // TestCheckpointAndLazyRestore runs the whole memory plane: a writer
 // process dirties a memfs-served RAM file; writeback streams to the backup
 // server over mutual TLS; fsync, device state and a restorable commit make
-// a restore point; then a fresh memfs serves the image lazily from the
-// store and a new process reads back exactly what the first one wrote.
+// a restore point; then, after a restart of the backup server, a restoring
+// host's stream fetches the device state and a fresh memfs serves the image
+// lazily from the backup over the same mutual TLS, and a new process reads
+// back exactly what the first one wrote.
 func TestCheckpointAndLazyRestore(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root for FUSE")
@@ -74,19 +66,17 @@ func TestCheckpointAndLazyRestore(t *testing.T) {
 	s.Close()
 	e.stop()
 
-	st, err := backupstore.Open(e.store, backupstore.Options{Logger: quiet()})
-	if err != nil {
-		t.Fatal(err)
+	e.addr, e.stop = startServer(t, e.pki, e.store, "127.0.0.1:0")
+	rs := e.client(t, "vm1", nil)
+	defer rs.Close()
+	if st := rs.Stats(); st.Acked != ep {
+		t.Fatalf("restoring stream sees epoch %d, want %d", st.Acked, ep)
 	}
-	defer st.Close()
-	v, err := st.VM("vm1", 0, false)
-	if err != nil {
-		t.Fatal(err)
+	state, err := rs.RestoreState(ctx)
+	if err != nil || string(state) != "qemu device state" {
+		t.Fatalf("device state %q: %v", state, err)
 	}
-	if m := v.Committed(); !m.Restorable || m.Epoch != ep {
-		t.Fatalf("committed %+v", m)
-	}
-	rfs, err := memfs.Mount(ctx, t.TempDir(), memfs.Options{Size: imgSize, Sink: memfs.FileSink{}, Source: storeSource{v}, Logger: quiet()})
+	rfs, err := memfs.Mount(ctx, t.TempDir(), memfs.Options{Size: imgSize, Sink: rs, Source: rs, Logger: quiet()})
 	if err != nil {
 		t.Fatal(err)
 	}

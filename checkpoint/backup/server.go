@@ -216,7 +216,7 @@ func codeOf(err error) wire.ErrorCode {
 		return wire.CodeNoSpace
 	case errors.Is(err, backupstore.ErrEpoch):
 		return wire.CodeEpoch
-	case errors.Is(err, backupstore.ErrRange):
+	case errors.Is(err, backupstore.ErrRange), errors.Is(err, backupstore.ErrNotFound):
 		return wire.CodeProtocol
 	}
 	return wire.CodeInternal
@@ -243,7 +243,11 @@ func (s *Server) session(ctx context.Context, log *slog.Logger, peer string, hel
 		return fmt.Errorf("session %s: %w", hello.VMID, err)
 	}
 	defer func() { ep.Abort() }()
-	if err := w.Write(&wire.Welcome{Committed: committed, ImageSize: uint64(vm.Size())}); err != nil {
+	welcome := &wire.Welcome{Committed: committed, ImageSize: uint64(vm.Size())}
+	if m := vm.Committed(); m != nil && m.StateEpoch != 0 {
+		welcome.StateLen = uint64(m.StateLen)
+	}
+	if err := w.Write(welcome); err != nil {
 		return err
 	}
 	if err := w.Flush(); err != nil {
@@ -294,10 +298,39 @@ func (s *Server) session(ctx context.Context, log *slog.Logger, peer string, hel
 			if ep, err = vm.Begin(man.Epoch+1, true); err != nil {
 				return err
 			}
+		case *wire.Fetch:
+			if err := s.serveFetch(vm, m, w); err != nil {
+				return err
+			}
 		case *wire.Error:
 			return fmt.Errorf("session %s: client reports: %w", hello.VMID, m)
 		default:
 			return &protoError{wire.CodeProtocol, fmt.Sprintf("unexpected %s frame in session", m.Type())}
 		}
 	}
+}
+
+// serveFetch answers a lazy-restore read from the committed image (or the
+// restore point's device state), verified page by page by the store.
+func (s *Server) serveFetch(vm *backupstore.VM, f *wire.Fetch, w *wire.Writer) error {
+	var data []byte
+	if f.State {
+		blob, _, err := vm.DeviceState()
+		if err != nil {
+			return err
+		}
+		if f.Offset >= uint64(len(blob)) {
+			return &protoError{wire.CodeProtocol, fmt.Sprintf("fetch of device state at %d, blob has %d bytes", f.Offset, len(blob))}
+		}
+		data = blob[f.Offset:min(uint64(len(blob)), f.Offset+uint64(f.Length))]
+	} else {
+		data = make([]byte, f.Length)
+		if _, err := vm.ReadAt(data, int64(f.Offset)); err != nil {
+			return err
+		}
+	}
+	if err := w.Write(&wire.Pages{ID: f.ID, Offset: f.Offset, CRC: wire.Checksum(data), Data: data}); err != nil {
+		return err
+	}
+	return w.Flush()
 }

@@ -291,6 +291,8 @@ func TestRejectsMalformed(t *testing.T) {
 		{"wrong epoch", wrongEpoch, wire.CodeEpoch},
 		{"outside image", outside, wire.CodeProtocol},
 		{"commit mismatch", mismatch, wire.CodeMismatch},
+		{"fetch outside image", must(wire.AppendFrame(nil, &wire.Fetch{ID: 1, Offset: imgSize, Length: 4096})), wire.CodeProtocol},
+		{"fetch missing state", must(wire.AppendFrame(nil, &wire.Fetch{ID: 1, Offset: 0, Length: 10, State: true})), wire.CodeProtocol},
 		{"second hello", must(wire.AppendFrame(nil, &wire.Hello{Version: 1, VMID: "vm1", ImageSize: imgSize, Epoch: 1})), wire.CodeProtocol},
 	}
 	// An absurd image size is refused before anything is created.

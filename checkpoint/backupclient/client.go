@@ -75,6 +75,23 @@ type Stream struct {
 	bw        float64 // bytes/s, EWMA over commits
 	acks      chan ackOrErr
 	readerEnd chan struct{}
+
+	// Lazy-restore reads in flight, answered by the reader goroutine.
+	// A lock of their own: the reader must never wait for mu, which a
+	// sender blocked on a slow link may hold.
+	fetchMu      sync.Mutex
+	fetches      map[uint64]*fetchReq
+	fetchID      uint64
+	fetchBroken  error
+	restoreState uint64 // device-state length of the backup's restore point
+}
+
+type fetchReq struct {
+	off       uint64
+	state     bool
+	dst       []byte
+	done      chan error
+	abandoned bool // the caller gave up; drop the answer when it comes
 }
 
 type ackOrErr struct {
@@ -141,6 +158,9 @@ func (s *Stream) dial(ctx context.Context, epoch uint64) (net.Conn, uint64, erro
 			c.Close()
 			return nil, 0, fmt.Errorf("%s: backup holds an image of %d bytes, VM has %d", op, m.ImageSize, s.cfg.ImageSize)
 		}
+		s.fetchMu.Lock()
+		s.restoreState = m.StateLen
+		s.fetchMu.Unlock()
 		return c, m.Committed, nil
 	case *wire.Error:
 		c.Close()
@@ -160,6 +180,9 @@ func (s *Stream) attach(c net.Conn) {
 	acks := make(chan ackOrErr, 16)
 	end := make(chan struct{})
 	s.acks, s.readerEnd = acks, end
+	s.fetchMu.Lock()
+	s.fetches, s.fetchBroken = map[uint64]*fetchReq{}, nil
+	s.fetchMu.Unlock()
 	// The reader gets its own buffered reader; Welcome was read with
 	// another, which consumed nothing beyond it (the server sends nothing
 	// before our first Commit).
@@ -169,17 +192,29 @@ func (s *Stream) attach(c net.Conn) {
 		for {
 			m, err := r.Read()
 			if err != nil {
-				acks <- ackOrErr{err: fmt.Errorf("read from backup: %w", err)}
+				err = fmt.Errorf("read from backup: %w", err)
+				s.failFetches(err)
+				acks <- ackOrErr{err: err}
 				return
 			}
 			switch m := m.(type) {
+			case *wire.Pages:
+				if err := s.answerFetch(m); err != nil {
+					s.failFetches(err)
+					acks <- ackOrErr{err: err}
+					return
+				}
 			case *wire.Ack:
 				acks <- ackOrErr{epoch: m.Epoch}
 			case *wire.Error:
-				acks <- ackOrErr{err: fmt.Errorf("backup: %w", m)}
+				err := fmt.Errorf("backup: %w", m)
+				s.failFetches(err)
+				acks <- ackOrErr{err: err}
 				return
 			default:
-				acks <- ackOrErr{err: fmt.Errorf("backup sent unexpected %s: %w", m.Type(), wire.ErrMalformed)}
+				err := fmt.Errorf("backup sent unexpected %s: %w", m.Type(), wire.ErrMalformed)
+				s.failFetches(err)
+				acks <- ackOrErr{err: err}
 				return
 			}
 		}
@@ -507,4 +542,126 @@ func (s *Stream) Close() error {
 // of the VM's RAM file goes straight to the backup.
 func (s *Stream) WritePages(ctx context.Context, off int64, data []byte) error {
 	return s.SendPages(ctx, off, data)
+}
+
+// answerFetch hands a Pages frame to the Fetch waiting for it.
+func (s *Stream) answerFetch(m *wire.Pages) error {
+	s.fetchMu.Lock()
+	req := s.fetches[m.ID]
+	delete(s.fetches, m.ID)
+	s.fetchMu.Unlock()
+	if req != nil && req.abandoned {
+		return nil
+	}
+	if req == nil || req.off != m.Offset || (len(m.Data) != len(req.dst) && !req.state) || len(m.Data) > len(req.dst) {
+		return fmt.Errorf("backup answered fetch %d (%d bytes at %d) that was not asked: %w", m.ID, len(m.Data), m.Offset, wire.ErrMalformed)
+	}
+	n := copy(req.dst, m.Data)
+	req.dst = req.dst[:n]
+	req.done <- nil
+	return nil
+}
+
+func (s *Stream) failFetches(err error) {
+	s.fetchMu.Lock()
+	defer s.fetchMu.Unlock()
+	s.fetchBroken = err
+	for id, req := range s.fetches {
+		req.done <- err
+		delete(s.fetches, id)
+	}
+}
+
+// fetch asks the backup for one chunk and waits for the answer.
+func (s *Stream) fetch(ctx context.Context, op string, off uint64, dst []byte, state bool) ([]byte, error) {
+	req := &fetchReq{off: off, state: state, dst: dst, done: make(chan error, 1)}
+	s.fetchMu.Lock()
+	if s.fetchBroken != nil {
+		err := s.fetchBroken
+		s.fetchMu.Unlock()
+		return nil, fmt.Errorf("%s: %w: %w", op, ErrBroken, err)
+	}
+	s.fetchID++
+	id := s.fetchID
+	s.fetches[id] = req
+	s.fetchMu.Unlock()
+
+	s.mu.Lock()
+	err := s.usableLocked(op)
+	if err == nil {
+		err = s.w.Write(&wire.Fetch{ID: id, Offset: off, Length: uint32(len(dst)), State: state})
+		if err == nil {
+			err = s.w.Flush()
+		}
+		if err != nil {
+			err = fmt.Errorf("%s: %w", op, s.breakLocked(err))
+		}
+	}
+	s.mu.Unlock()
+	if err != nil {
+		s.fetchMu.Lock()
+		delete(s.fetches, id)
+		s.fetchMu.Unlock()
+		return nil, err
+	}
+	select {
+	case err := <-req.done:
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", op, err)
+		}
+		return req.dst, nil
+	case <-ctx.Done():
+		// The answer still comes (answers are in order): leave the
+		// request registered so the reader can drop it, but stop it from
+		// writing into a buffer the caller may reuse.
+		s.fetchMu.Lock()
+		if r, ok := s.fetches[id]; ok {
+			r.abandoned = true
+		}
+		s.fetchMu.Unlock()
+		return nil, fmt.Errorf("%s: %w", op, ctx.Err())
+	}
+}
+
+// ReadPages fetches committed pages from the backup: the lazy-restore
+// Source of a memfs (concurrent calls are fine; they are pipelined on the
+// connection). off and len(p) must be page aligned.
+func (s *Stream) ReadPages(ctx context.Context, off int64, p []byte) error {
+	op := fmt.Sprintf("fetch %d bytes at %d of %s", len(p), off, s.cfg.VMID)
+	if off < 0 || off%wire.PageSize != 0 || len(p)%wire.PageSize != 0 || off+int64(len(p)) > s.cfg.ImageSize {
+		return fmt.Errorf("%s: not page aligned or outside image: %w", op, wire.ErrMalformed)
+	}
+	for len(p) > 0 {
+		n := min(len(p), wire.MaxData)
+		if _, err := s.fetch(ctx, op, uint64(off), p[:n], false); err != nil {
+			return err
+		}
+		p, off = p[n:], off+int64(n)
+	}
+	return nil
+}
+
+// RestoreState fetches the device-state blob of the backup's restore
+// point, as announced when the stream connected.
+func (s *Stream) RestoreState(ctx context.Context) ([]byte, error) {
+	op := "fetch device state of " + s.cfg.VMID
+	s.fetchMu.Lock()
+	n := s.restoreState
+	s.fetchMu.Unlock()
+	if n == 0 {
+		return nil, fmt.Errorf("%s: the backup has no restore point", op)
+	}
+	blob := make([]byte, n)
+	for off := uint64(0); off < n; {
+		chunk := blob[off:min(n, off+wire.MaxData)]
+		got, err := s.fetch(ctx, op, off, chunk, true)
+		if err != nil {
+			return nil, err
+		}
+		if len(got) != len(chunk) {
+			return nil, fmt.Errorf("%s: %d bytes at %d, expected %d: %w", op, len(got), off, len(chunk), wire.ErrMalformed)
+		}
+		off += uint64(len(got))
+	}
+	return blob, nil
 }

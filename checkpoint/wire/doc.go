@@ -9,7 +9,9 @@
 // where length counts the type byte and the payload and never exceeds
 // MaxFrame. A session is: client Hello, server Welcome, then any number of
 // Extent and StateChunk frames for an epoch closed by Commit, each Commit
-// answered by an Ack. Either side may send Error and close.
+// answered by an Ack. A restoring host also sends Fetch frames for
+// committed pages (or device state), each answered by Pages, in order.
+// Either side may send Error and close.
 //
 // The decoder is the first thing network input meets, so it is strict:
 // unknown types, short or long payloads, oversize frames, bad names and

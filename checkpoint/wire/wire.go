@@ -50,6 +50,8 @@ const (
 	TypeCommit     Type = 5
 	TypeAck        Type = 6
 	TypeError      Type = 7
+	TypeFetch      Type = 8
+	TypePages      Type = 9
 )
 
 func (t Type) String() string {
@@ -68,6 +70,10 @@ func (t Type) String() string {
 		return "ack"
 	case TypeError:
 		return "error"
+	case TypeFetch:
+		return "fetch"
+	case TypePages:
+		return "pages"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }
@@ -94,6 +100,29 @@ type Hello struct {
 type Welcome struct {
 	Committed uint64
 	ImageSize uint64
+	// StateLen is the length of the device-state blob of the backup's
+	// restore point (0: none), for a restoring host's Fetch.
+	StateLen uint64
+}
+
+// Fetch asks for committed data (lazy restore): image pages at Offset
+// (page aligned, Length a multiple of PageSize), or with State set, bytes
+// of the restore point's device-state blob. The answer is a Pages frame
+// with the same ID; answers come in request order.
+type Fetch struct {
+	ID     uint64
+	Offset uint64
+	Length uint32
+	State  bool
+}
+
+// Pages answers a Fetch. Data aliases the decoder's buffer until the next
+// Read.
+type Pages struct {
+	ID     uint64
+	Offset uint64
+	CRC    uint32
+	Data   []byte
 }
 
 // Extent is guest memory at a guest-physical offset. Data aliases the
@@ -161,6 +190,8 @@ func (*StateChunk) Type() Type { return TypeStateChunk }
 func (*Commit) Type() Type     { return TypeCommit }
 func (*Ack) Type() Type        { return TypeAck }
 func (*Error) Type() Type      { return TypeError }
+func (*Fetch) Type() Type      { return TypeFetch }
+func (*Pages) Type() Type      { return TypePages }
 
 var be = binary.BigEndian
 
@@ -174,7 +205,26 @@ func (m *Hello) appendPayload(b []byte) []byte {
 
 func (m *Welcome) appendPayload(b []byte) []byte {
 	b = be.AppendUint64(b, m.Committed)
-	return be.AppendUint64(b, m.ImageSize)
+	b = be.AppendUint64(b, m.ImageSize)
+	return be.AppendUint64(b, m.StateLen)
+}
+
+func (m *Fetch) appendPayload(b []byte) []byte {
+	b = be.AppendUint64(b, m.ID)
+	b = be.AppendUint64(b, m.Offset)
+	b = be.AppendUint32(b, m.Length)
+	var st byte
+	if m.State {
+		st = 1
+	}
+	return append(b, st)
+}
+
+func (m *Pages) appendPayload(b []byte) []byte {
+	b = be.AppendUint64(b, m.ID)
+	b = be.AppendUint64(b, m.Offset)
+	b = be.AppendUint32(b, m.CRC)
+	return append(b, m.Data...)
 }
 
 func (m *Extent) appendPayload(b []byte) []byte {
@@ -255,6 +305,23 @@ func Validate(m Message) error {
 		if m.ImageSize%PageSize != 0 {
 			return fmt.Errorf("welcome image size %d not a multiple of %d: %w", m.ImageSize, PageSize, ErrMalformed)
 		}
+		if m.StateLen > 1<<40 {
+			return fmt.Errorf("welcome state length %d out of range: %w", m.StateLen, ErrMalformed)
+		}
+	case *Fetch:
+		if m.Length == 0 || m.Length > MaxData || m.Offset > 1<<62 {
+			return fmt.Errorf("fetch %d bytes at %d out of range: %w", m.Length, m.Offset, ErrMalformed)
+		}
+		if !m.State && (m.Offset%PageSize != 0 || m.Length%PageSize != 0) {
+			return fmt.Errorf("fetch %d bytes at %d not page aligned: %w", m.Length, m.Offset, ErrMalformed)
+		}
+	case *Pages:
+		if len(m.Data) == 0 || len(m.Data) > MaxData || m.Offset > 1<<62 {
+			return fmt.Errorf("pages %d bytes at %d out of range: %w", len(m.Data), m.Offset, ErrMalformed)
+		}
+		if c := Checksum(m.Data); c != m.CRC {
+			return fmt.Errorf("pages at %d: crc %08x, data has %08x: %w", m.Offset, m.CRC, c, ErrMalformed)
+		}
 	case *Extent:
 		if m.Epoch == 0 {
 			return fmt.Errorf("extent epoch 0: %w", ErrMalformed)
@@ -329,8 +396,19 @@ func Decode(body []byte) (Message, error) {
 	case TypeHello:
 		m, err = decodeHello(p)
 	case TypeWelcome:
-		m, err = fixed(p, 16, t, func() Message {
-			return &Welcome{Committed: be.Uint64(p), ImageSize: be.Uint64(p[8:])}
+		m, err = fixed(p, 24, t, func() Message {
+			return &Welcome{Committed: be.Uint64(p), ImageSize: be.Uint64(p[8:]), StateLen: be.Uint64(p[16:])}
+		})
+	case TypeFetch:
+		m, err = fixed(p, 21, t, func() Message {
+			return &Fetch{ID: be.Uint64(p), Offset: be.Uint64(p[8:]), Length: be.Uint32(p[16:]), State: p[20] == 1}
+		})
+		if err == nil && p[20] > 1 {
+			err = fmt.Errorf("decode fetch: state flag %d: %w", p[20], ErrMalformed)
+		}
+	case TypePages:
+		m, err = atLeast(p, 20, t, func() Message {
+			return &Pages{ID: be.Uint64(p), Offset: be.Uint64(p[8:]), CRC: be.Uint32(p[16:]), Data: p[20:]}
 		})
 	case TypeExtent:
 		m, err = atLeast(p, 20, t, func() Message {
@@ -463,6 +541,9 @@ func (w *Writer) Write(m Message) error {
 	if s, ok := m.(*StateChunk); ok {
 		return w.writeData(m, s.Epoch, s.Offset, s.CRC, s.Data)
 	}
+	if pg, ok := m.(*Pages); ok {
+		return w.writeData(m, pg.ID, pg.Offset, pg.CRC, pg.Data)
+	}
 	var err error
 	w.buf, err = AppendFrame(w.buf[:0], m)
 	if err != nil {
@@ -482,8 +563,8 @@ func (w *Writer) Flush() error {
 	return nil
 }
 
-// writeData writes an Extent or StateChunk (same layout: epoch, offset,
-// crc, data) without copying data into the frame buffer.
+// writeData writes an Extent, StateChunk or Pages (same layout: u64, u64
+// offset, crc, data) without copying data into the frame buffer.
 func (w *Writer) writeData(m Message, epoch, off uint64, crc uint32, data []byte) error {
 	if err := Validate(m); err != nil {
 		return fmt.Errorf("encode %s: %w", m.Type(), err)

@@ -15,7 +15,10 @@ func sampleMessages() []Message {
 	s := []byte("device state bytes")
 	return []Message{
 		&Hello{Version: Version, VMID: "vm-1.a_b", ImageSize: 256 << 20, Epoch: 3},
-		&Welcome{Committed: 2, ImageSize: 256 << 20},
+		&Welcome{Committed: 2, ImageSize: 256 << 20, StateLen: 275000},
+		&Fetch{ID: 9, Offset: 4096, Length: 8192},
+		&Fetch{ID: 10, Offset: 3, Length: 100, State: true},
+		&Pages{ID: 9, Offset: 4096, CRC: Checksum(d), Data: d},
 		&Extent{Epoch: 3, Offset: 8192, CRC: Checksum(d), Data: d},
 		&StateChunk{Epoch: 3, Offset: 0, CRC: Checksum(s), Data: s},
 		&Commit{Epoch: 3, Extents: 1, Bytes: uint64(len(d)), Digest: 42, StateLen: uint64(len(s)), StateCRC: Checksum(s), Restorable: true},
