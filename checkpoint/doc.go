@@ -11,10 +11,17 @@
 //   - backupstore: the backup's durable store (sparse image, redo log per
 //     epoch, manifests) that keeps the last committed epoch intact.
 //   - backup / backupclient: the backup role's mutual-TLS server and the
-//     host's client stream (send, commit, reconnect and resync).
+//     host's client stream (send, commit, reconnect and resync, fetch for
+//     lazy restore).
 //   - pki: a test CA and certificates for the mutual TLS.
 //   - flush: the arithmetic that turns a time bound and a measured
 //     bandwidth into a dirty cap.
+//   - bdi, pageset: small vocabularies (backing-device limits and stats; a
+//     page bitmap).
+//   - memfs/memfstest, bench: the stand-in guest process of tests and the
+//     benchmarks.
+//
+// README.md records the choices and the measured figures.
 //
 // This package itself holds no code.
 package checkpoint
