@@ -195,3 +195,5 @@ func testConnectors(t *testing.T, backend string) {
 		t.Fatalf("deleted connector: %v, want 404", err)
 	}
 }
+
+func execIP(args ...string) error { return exec.Command("ip", args...).Run() }

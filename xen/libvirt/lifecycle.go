@@ -82,7 +82,8 @@ func (d *Driver) Start(ctx context.Context, name string) error {
 		}
 		if err := dom.CreateWithFlags(flags); err != nil {
 			if libvirtCode(err) == golibvirt.ERR_OPERATION_INVALID {
-				return fmt.Errorf("%w: it is already running", xen.ErrState)
+				// Keep libvirt's reason: "already running" is only one of them.
+				return fmt.Errorf("%w: %v", xen.ErrState, err)
 			}
 			return err
 		}
