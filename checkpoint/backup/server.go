@@ -154,7 +154,18 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 	default:
 		log.Warn("session failed", "err", err)
 		s.sendError(w, codeOf(err), err.Error())
+		linger(conn)
 	}
+}
+
+// linger lets the peer read our Error frame: closing with its frames still
+// unread would reset the connection, and a host mid-send would see only
+// "connection reset" instead of why. So: half-close, then discard what it
+// still sends, for a bounded time.
+func linger(conn *tls.Conn) {
+	conn.CloseWrite()
+	conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+	io.Copy(io.Discard, conn)
 }
 
 // takeOver registers sess as the VM's session, closing and waiting for a

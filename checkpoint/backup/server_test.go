@@ -472,3 +472,59 @@ func TestClientDiesMidEpoch(t *testing.T) {
 	e.stop()
 	checkStore(t, e.store, "vm1", f, "")
 }
+
+// TestBackupDiskFull: the backup's disk fills in the middle of an epoch.
+// The host's commit fails with the server's no-space error, the committed
+// epoch is intact, and after space is freed a reconnect resyncs and
+// commits.
+func TestBackupDiskFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a tmpfs")
+	}
+	mnt := t.TempDir()
+	if err := syscall.Mount("tmpfs", mnt, "tmpfs", 0, "size=24m"); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Unmount(mnt, syscall.MNT_DETACH)
+	e := &env{pki: newPKI(t), store: mnt}
+	e.addr, e.stop = startServer(t, e.pki, e.store, "127.0.0.1:0")
+	defer func() { e.stop() }()
+	f := ramFile(t)
+	s := e.client(t, "vm1", f)
+	defer s.Close()
+	if err := sendExtents(t, s, f, scribble(t, f, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Commit(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	var st syscall.Statfs_t
+	syscall.Statfs(mnt, &st)
+	ballast := filepath.Join(mnt, "ballast")
+	if err := os.WriteFile(ballast, make([]byte, int64(st.Bavail)*st.Bsize-(1<<20)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	full := make([]byte, imgSize)
+	f.ReadAt(full, 0)
+	s.SendPages(context.Background(), 0, full)
+	_, err := s.Commit(context.Background(), false)
+	var we *wire.Error
+	if !errors.As(err, &we) || we.Code != wire.CodeNoSpace {
+		t.Fatalf("commit on a full backup: %v, want a no-space error", err)
+	}
+	t.Logf("full backup: %v", err)
+	os.Remove(ballast)
+	if err := s.Reconnect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SendDeviceState(context.Background(), []byte("after disk full")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Commit(context.Background(), true); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	e.stop()
+	e.stop = func() {}
+	checkStore(t, e.store, "vm1", f, "after disk full")
+}

@@ -72,7 +72,8 @@ type Stream struct {
 	fetches      map[uint64]*fetchReq
 	fetchID      uint64
 	fetchBroken  error
-	restoreState uint64 // device-state length of the backup's restore point
+	restoreState uint64      // device-state length of the backup's restore point
+	peerErr      *wire.Error // the Error frame that ended the connection
 }
 
 type fetchReq struct {
@@ -170,7 +171,7 @@ func (s *Stream) attach(c net.Conn) {
 	end := make(chan struct{})
 	s.acks, s.readerEnd = acks, end
 	s.fetchMu.Lock()
-	s.fetches, s.fetchBroken = map[uint64]*fetchReq{}, nil
+	s.fetches, s.fetchBroken, s.peerErr = map[uint64]*fetchReq{}, nil, nil
 	s.fetchMu.Unlock()
 	// The reader gets its own buffered reader; Welcome was read with
 	// another, which consumed nothing beyond it (the server sends nothing
@@ -197,6 +198,9 @@ func (s *Stream) attach(c net.Conn) {
 				acks <- ackOrErr{epoch: m.Epoch}
 			case *wire.Error:
 				err := fmt.Errorf("backup: %w", m)
+				s.fetchMu.Lock()
+				s.peerErr = &wire.Error{Code: m.Code, Message: m.Message}
+				s.fetchMu.Unlock()
 				s.failFetches(err)
 				acks <- ackOrErr{err: err}
 				return
@@ -222,8 +226,17 @@ func (s *Stream) startEpoch() {
 // call fails with ErrBroken until Reconnect.
 func (s *Stream) breakLocked(err error) error {
 	if s.broken == nil {
-		s.broken = err
+		// If the backup ended the session with an Error frame, that is the
+		// cause, not the write failure it led to: wait for the reader to
+		// finish (it exits once the connection is closed) and look.
 		s.conn.Close()
+		<-s.readerEnd
+		s.fetchMu.Lock()
+		if pe := s.peerErr; pe != nil {
+			err = fmt.Errorf("backup: %w (then %v)", pe, err)
+		}
+		s.fetchMu.Unlock()
+		s.broken = err
 		s.log.Warn("backup stream broken", "err", err)
 	}
 	return fmt.Errorf("%w: %w", ErrBroken, s.broken)
