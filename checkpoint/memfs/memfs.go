@@ -203,7 +203,7 @@ func Mount(ctx context.Context, dir string, opts Options) (*FS, error) {
 		// page cache must never be dropped because an attribute changed.
 		ExplicitDataCacheControl: true,
 		DisableXAttrs:            true,
-		Logger:                   nil,
+		Logger:                   slog.NewLogLogger(l.Handler(), slog.LevelWarn),
 	})
 	if err != nil {
 		cancel()
@@ -320,6 +320,32 @@ func (fs *FS) Barrier(ctx context.Context) error {
 		return fmt.Errorf("memfs barrier: flush sink: %w", err)
 	}
 	return nil
+}
+
+// Sync is the complete flush of a pause: fsync of the RAM file, so the
+// kernel writes back every dirty page (each one queued by Write) and the
+// FSYNC handler runs Barrier. It takes at most about the dirty cap over the
+// sink's bandwidth. If ctx ends first Sync returns; the fsync goes on.
+func (fs *FS) Sync(ctx context.Context) error {
+	done := make(chan error, 1)
+	go func() {
+		f, err := os.OpenFile(fs.Path(), os.O_RDWR, 0)
+		if err != nil {
+			done <- err
+			return
+		}
+		defer f.Close()
+		done <- f.Sync()
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("memfs sync %s: %w", fs.Path(), err)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("memfs sync %s: %w", fs.Path(), ctx.Err())
+	}
 }
 
 // Unmount detaches the filesystem and stops delivery after the queue has

@@ -29,15 +29,15 @@ const MaxVMID = 64
 // ErrMalformed is wrapped by every decoding error caused by the peer's bytes.
 var ErrMalformed = errors.New("malformed frame")
 
-// Castagnoli is the CRC-32C table used for every checksum on the wire and
-// on disk (hardware accelerated on x86 and arm64).
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-// Checksum is the CRC-32C of b.
-func Checksum(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+// Checksum is the CRC-32C of b: the checksum of every frame and of the
+// store (hardware accelerated on x86 and arm64; MakeTable returns the
+// standard library's one shared Castagnoli table).
+func Checksum(b []byte) uint32 { return crc32.Checksum(b, crc32.MakeTable(crc32.Castagnoli)) }
 
 // UpdateChecksum extends a CRC-32C with b.
-func UpdateChecksum(crc uint32, b []byte) uint32 { return crc32.Update(crc, castagnoli, b) }
+func UpdateChecksum(crc uint32, b []byte) uint32 {
+	return crc32.Update(crc, crc32.MakeTable(crc32.Castagnoli), b)
+}
 
 // Type is a frame's type byte.
 type Type uint8
