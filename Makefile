@@ -11,7 +11,7 @@ export GOFLAGS := -mod=mod -buildvcs=false
 export PATH := /usr/local/go/bin:$(PATH)
 
 .PHONY: all build test demo bench guest lint provision clean \
-	bench-platform bench-checkpoint bench-restore bench-dataplane bench-swap
+	bench-platform bench-checkpoint bench-dataplane pki
 
 all: build
 
@@ -38,7 +38,7 @@ lint:
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
 
-bench: bench-platform bench-dataplane
+bench: bench-platform bench-checkpoint bench-dataplane
 
 # Each area's benchmark prints `bench: NAME VALUE UNIT` lines; the full
 # output is kept in build/bench-AREA.log.
@@ -48,6 +48,16 @@ bench-platform: provision guest build
 	$(BENCH) ./hostd/bench/platform/ | tee $(BUILD)/bench-platform.log | grep '^bench:'
 
 # iperf3 measures throughput, socat is the user-space tunnel compared against.
+# The memory plane: FUSE-served RAM, bounded flushing, the backup path.
+bench-checkpoint: provision
+	mkdir -p $(BUILD)
+	$(BENCH) ./checkpoint/bench/ | tee $(BUILD)/bench-checkpoint.log | grep '^bench:'
+
+# A test CA with a backup-server and a host certificate (mutual TLS between
+# hosts and the backup role) in build/pki.
+pki:
+	$(GO) run ./checkpoint/pki/cmd/mkpki -dir $(BUILD)/pki -server localhost,127.0.0.1 -hosts host1
+
 bench-dataplane: provision
 	command -v iperf3 >/dev/null && command -v socat >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iperf3 socat; }
