@@ -26,7 +26,7 @@ build:
 guest: provision
 	bash images/guest/build.sh $(BUILD)/guest
 
-test: provision guest build
+test: provision guest build lint
 	bash .ci/test.sh
 
 demo: provision guest build

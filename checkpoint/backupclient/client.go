@@ -130,7 +130,8 @@ func (s *Stream) dial(ctx context.Context, epoch uint64) (net.Conn, uint64, erro
 	stop := context.AfterFunc(ctx, func() { c.Close() })
 	defer stop()
 	w := wire.NewWriter(c)
-	if err := w.Write(&wire.Hello{Version: wire.Version, VMID: s.cfg.VMID, ImageSize: uint64(s.cfg.ImageSize), Epoch: epoch}); err == nil {
+	err = w.Write(&wire.Hello{Version: wire.Version, VMID: s.cfg.VMID, ImageSize: uint64(s.cfg.ImageSize), Epoch: epoch})
+	if err == nil {
 		err = w.Flush()
 	}
 	if err != nil {
