@@ -32,7 +32,22 @@ func TestMain(m *testing.M) {
 		fmt.Println(err)
 		os.Exit(1)
 	}
+	// A run killed mid-test (a timeout, a CI abort) leaves its domains
+	// defined in libvirt, which persists them: sweep them before starting.
+	sweep()
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
+}
+
+func sweep() {
+	names, err := hostdtest.Domains(prefix)
+	if err != nil {
+		fmt.Println("sweep leftover domains:", err)
+		return
+	}
+	for _, n := range names {
+		_, _ = hostdtest.Virsh("destroy", n)
+		_, _ = hostdtest.Virsh("undefine", n)
+	}
 }

@@ -35,6 +35,7 @@ func BenchmarkPlatform(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	hostdtest.CleanupDomains(b, prefix) // left by a killed run
 	b.Cleanup(func() { hostdtest.CleanupDomains(b, prefix) })
 	d := hostdtest.Start(b, bin, hostdtest.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
