@@ -3,6 +3,8 @@ package vm
 import (
 	"context"
 	"fmt"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"hostd/hostd/events"
@@ -68,8 +70,8 @@ func (m *Manager) Reconcile(ctx context.Context, startup bool) (ReconcileReport,
 		}
 		// List carries no specs; read this domain's to see whether it is ours.
 		full, err := m.hv.Domain(ctx, d.Name)
-		if err != nil || full.Spec == nil {
-			continue // gone meanwhile, or not made by hostd
+		if err != nil || full.Spec == nil || !m.ownsFiles(*full.Spec) {
+			continue // gone meanwhile, not made by hostd, or another hostd's
 		}
 		rec := Record{Name: d.Name, UUID: d.UUID, Spec: *full.Spec, Created: time.Now().UTC(), Adopted: true}
 		if err := store.Put(m.st, store.BucketVMs, rec.Name, rec); err != nil {
@@ -91,6 +93,13 @@ func (m *Manager) Reconcile(ctx context.Context, startup bool) (ReconcileReport,
 		m.log.Info("reconciled with hypervisor", "adopted", rep.Adopted, "vanished", rep.Vanished, "returned", rep.Returned)
 	}
 	return rep, nil
+}
+
+// ownsFiles reports whether a spec's files live in this hostd's state
+// directory: another hostd on the same hypervisor (a second instance, a
+// test) records its spec too, and its VMs are not this one's to adopt.
+func (m *Manager) ownsFiles(s xen.DomainSpec) bool {
+	return strings.HasPrefix(s.RAMPath, m.cfg.VMDir(s.Name)+string(filepath.Separator))
 }
 
 // resumeWatch restarts the readiness watcher of a running VM that had not
