@@ -228,40 +228,32 @@ func (c *Client) Job(ctx context.Context, id string) (jobs.Job, error) {
 
 // WaitJob polls a job until it is no longer running or ctx ends.
 func (c *Client) WaitJob(ctx context.Context, id string) (jobs.Job, error) {
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		j, err := c.Job(ctx, id)
-		if err != nil {
-			return j, err
-		}
-		if j.State != jobs.Running {
-			return j, nil
-		}
-		select {
-		case <-ctx.Done():
-			return j, fmt.Errorf("wait for job %s: %w", id, ctx.Err())
-		case <-tick.C:
-		}
-	}
+	return poll(ctx, "wait for job "+id,
+		func() (jobs.Job, error) { return c.Job(ctx, id) },
+		func(j jobs.Job) bool { return j.State != jobs.Running })
 }
 
 // WaitReady polls a VM until its agent has announced itself after the last
 // start, or ctx ends.
 func (c *Client) WaitReady(ctx context.Context, name string) (vm.VM, error) {
+	return poll(ctx, "wait for VM "+name+" to be ready",
+		func() (vm.VM, error) { return c.VM(ctx, name) },
+		func(v vm.VM) bool { return v.Ready != nil })
+}
+
+// poll calls get every 50 ms until done accepts its answer, get fails, or
+// ctx ends; it returns the last answer in every case.
+func poll[T any](ctx context.Context, what string, get func() (T, error), done func(T) bool) (T, error) {
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		v, err := c.VM(ctx, name)
-		if err != nil {
+		v, err := get()
+		if err != nil || done(v) {
 			return v, err
-		}
-		if v.Ready != nil {
-			return v, nil
 		}
 		select {
 		case <-ctx.Done():
-			return v, fmt.Errorf("wait for VM %s to be ready: %w", name, ctx.Err())
+			return v, fmt.Errorf("%s: %w", what, ctx.Err())
 		case <-tick.C:
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -154,11 +155,7 @@ func (m *Manager) List() ([]Job, error) {
 	}
 	m.mu.Unlock()
 	// IDs are random, so order by creation time.
-	for i := 1; i < len(all); i++ {
-		for k := i; k > 0 && all[k].Created.Before(all[k-1].Created); k-- {
-			all[k], all[k-1] = all[k-1], all[k]
-		}
-	}
+	slices.SortStableFunc(all, func(a, b Job) int { return a.Created.Compare(b.Created) })
 	return all, nil
 }
 
