@@ -20,8 +20,9 @@ const PageSize = 4096
 // multiple of PageSize and at least FUSE's largest write (1 MiB).
 const MaxData = 4 << 20
 
-// MaxFrame is the largest frame body (type byte + payload) accepted.
-const MaxFrame = MaxData + 64
+// MaxFrame is the largest frame body (type byte + payload) accepted: a
+// RestorePages frame of MaxData bytes with its per-page sums is the largest.
+const MaxFrame = MaxData + MaxData/PageSize*PageSumSize + 64
 
 // MaxVMID is the longest VM id.
 const MaxVMID = 64
@@ -52,6 +53,13 @@ const (
 	TypeError      Type = 7
 	TypeFetch      Type = 8
 	TypePages      Type = 9
+	// Restore sessions (read-only; see RestoreHello).
+	TypeRestoreHello   Type = 10
+	TypeRestoreWelcome Type = 11
+	TypeRuns           Type = 12
+	TypeRestorePages   Type = 13
+	TypePing           Type = 14
+	TypePong           Type = 15
 )
 
 func (t Type) String() string {
@@ -74,6 +82,18 @@ func (t Type) String() string {
 		return "fetch"
 	case TypePages:
 		return "pages"
+	case TypeRestoreHello:
+		return "restore-hello"
+	case TypeRestoreWelcome:
+		return "restore-welcome"
+	case TypeRuns:
+		return "runs"
+	case TypeRestorePages:
+		return "restore-pages"
+	case TypePing:
+		return "ping"
+	case TypePong:
+		return "pong"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }
@@ -108,12 +128,17 @@ type Welcome struct {
 // Fetch asks for committed data (lazy restore): image pages at Offset
 // (page aligned, Length a multiple of PageSize), or with State set, bytes
 // of the restore point's device-state blob. The answer is a Pages frame
-// with the same ID; answers come in request order.
+// with the same ID (in a restore session, a RestorePages frame for image
+// pages); answers come in request order.
 type Fetch struct {
 	ID     uint64
 	Offset uint64
 	Length uint32
 	State  bool
+	// Sequential marks a range read as part of a sweep (full restore or
+	// prefetch) rather than a guest's fault: the backup reads it with
+	// sequential read-ahead instead of random-access hints.
+	Sequential bool
 }
 
 // Pages answers a Fetch. Data aliases the decoder's buffer until the next
@@ -179,7 +204,89 @@ const (
 	CodeMismatch  ErrorCode = 5 // commit counts or checksums disagree
 	CodeNoSpace   ErrorCode = 6 // backup disk full
 	CodeBusy      ErrorCode = 7
+	CodeNotFound  ErrorCode = 8 // no such VM or restore point at the backup
 )
+
+// RestoreHello opens a read-only restore session for one VM: the backup
+// serves the pages and device state of a restore point and never begins an
+// epoch or takes over the VM's writer session. The answer is a
+// RestoreWelcome followed by Runs frames listing the restore point's
+// non-zero pages (none when Resume is set), then Fetch and Ping frames are
+// answered in order.
+type RestoreHello struct {
+	Version uint16
+	VMID    string
+	// Epoch is the restore point wanted; 0 means the backup's latest.
+	Epoch uint64
+	// Resume reconnects a restore already in progress (Epoch set): the
+	// client holds the map and the device state and wants pages only.
+	Resume bool
+}
+
+// RestoreWelcome answers RestoreHello.
+type RestoreWelcome struct {
+	Committed uint64 // the backup's last committed epoch
+	Epoch     uint64 // the restore point served
+	ImageSize uint64
+	StateLen  uint64 // device-state blob of the restore point (0 on resume)
+	StateCRC  uint32
+	Pages     uint64 // non-zero pages of the image (0 on resume)
+	Runs      uint64 // Run entries sent next in Runs frames (0 on resume)
+}
+
+// Run is a range of non-zero pages [First, First+Count) of a restore
+// point's image, all last written in Epoch (0: unknown, written before the
+// backup recorded epochs). Pages outside every run are zero and never
+// cross the wire.
+type Run struct {
+	First uint64
+	Count uint32
+	Epoch uint64
+}
+
+// RunSize is the encoded size of a Run.
+const RunSize = 20
+
+// Runs carries part of a restore point's page map, in ascending order.
+type Runs struct {
+	Runs []Run
+}
+
+// PageSum is what the backup's store holds about one page it serves: the
+// CRC-32C the page had when the host sent it, and the epoch that wrote it.
+// A client checks each page against CRC: a mismatch means the backup's
+// stored copy is damaged (CRC of the whole frame having verified the
+// transfer).
+type PageSum struct {
+	CRC   uint32
+	Epoch uint64
+}
+
+// PageSumSize is the encoded size of a PageSum.
+const PageSumSize = 12
+
+// RestorePages answers a page Fetch in a restore session: the data as
+// read from the backup's image, the stored sums of each page, and CRC over
+// the encoded sums and the data (the transfer's own check). Data aliases
+// the decoder's buffer until the next Read.
+type RestorePages struct {
+	ID     uint64
+	Offset uint64
+	CRC    uint32
+	Sums   []PageSum
+	Data   []byte
+}
+
+// Ping asks for a Pong with the same ID, in order with other answers: a
+// round trip through the backup's session without touching its disk.
+type Ping struct {
+	ID uint64
+}
+
+// Pong answers Ping.
+type Pong struct {
+	ID uint64
+}
 
 func (e *Error) Error() string { return fmt.Sprintf("peer error %d: %s", e.Code, e.Message) }
 
@@ -192,6 +299,13 @@ func (*Ack) Type() Type        { return TypeAck }
 func (*Error) Type() Type      { return TypeError }
 func (*Fetch) Type() Type      { return TypeFetch }
 func (*Pages) Type() Type      { return TypePages }
+
+func (*RestoreHello) Type() Type   { return TypeRestoreHello }
+func (*RestoreWelcome) Type() Type { return TypeRestoreWelcome }
+func (*Runs) Type() Type           { return TypeRuns }
+func (*RestorePages) Type() Type   { return TypeRestorePages }
+func (*Ping) Type() Type           { return TypePing }
+func (*Pong) Type() Type           { return TypePong }
 
 var be = binary.BigEndian
 
@@ -213,12 +327,87 @@ func (m *Fetch) appendPayload(b []byte) []byte {
 	b = be.AppendUint64(b, m.ID)
 	b = be.AppendUint64(b, m.Offset)
 	b = be.AppendUint32(b, m.Length)
-	var st byte
+	var fl byte
 	if m.State {
-		st = 1
+		fl |= fetchState
 	}
-	return append(b, st)
+	if m.Sequential {
+		fl |= fetchSequential
+	}
+	return append(b, fl)
 }
+
+// Fetch flag bits.
+const (
+	fetchState      = 1
+	fetchSequential = 2
+)
+
+func (m *RestoreHello) appendPayload(b []byte) []byte {
+	b = be.AppendUint16(b, m.Version)
+	b = append(b, byte(len(m.VMID)))
+	b = append(b, m.VMID...)
+	b = be.AppendUint64(b, m.Epoch)
+	var r byte
+	if m.Resume {
+		r = 1
+	}
+	return append(b, r)
+}
+
+func (m *RestoreWelcome) appendPayload(b []byte) []byte {
+	b = be.AppendUint64(b, m.Committed)
+	b = be.AppendUint64(b, m.Epoch)
+	b = be.AppendUint64(b, m.ImageSize)
+	b = be.AppendUint64(b, m.StateLen)
+	b = be.AppendUint32(b, m.StateCRC)
+	b = be.AppendUint64(b, m.Pages)
+	return be.AppendUint64(b, m.Runs)
+}
+
+func (m *Runs) appendPayload(b []byte) []byte {
+	b = be.AppendUint32(b, uint32(len(m.Runs)))
+	for _, r := range m.Runs {
+		b = be.AppendUint64(b, r.First)
+		b = be.AppendUint32(b, r.Count)
+		b = be.AppendUint64(b, r.Epoch)
+	}
+	return b
+}
+
+// AppendPageSums appends the encoding of sums (as in a RestorePages frame).
+func AppendPageSums(b []byte, sums []PageSum) []byte {
+	for _, s := range sums {
+		b = be.AppendUint32(b, s.CRC)
+		b = be.AppendUint64(b, s.Epoch)
+	}
+	return b
+}
+
+// RestorePagesCRC is the CRC a RestorePages frame carries: over the
+// encoded sums, then the data.
+func RestorePagesCRC(sums []PageSum, data []byte) uint32 {
+	var tmp [64 * PageSumSize]byte
+	var c uint32
+	for len(sums) > 0 {
+		n := min(len(sums), 64)
+		c = UpdateChecksum(c, AppendPageSums(tmp[:0], sums[:n]))
+		sums = sums[n:]
+	}
+	return UpdateChecksum(c, data)
+}
+
+func (m *RestorePages) appendPayload(b []byte) []byte {
+	b = be.AppendUint64(b, m.ID)
+	b = be.AppendUint64(b, m.Offset)
+	b = be.AppendUint32(b, m.CRC)
+	b = be.AppendUint32(b, uint32(len(m.Sums)))
+	b = AppendPageSums(b, m.Sums)
+	return append(b, m.Data...)
+}
+
+func (m *Ping) appendPayload(b []byte) []byte { return be.AppendUint64(b, m.ID) }
+func (m *Pong) appendPayload(b []byte) []byte { return be.AppendUint64(b, m.ID) }
 
 func (m *Pages) appendPayload(b []byte) []byte {
 	b = be.AppendUint64(b, m.ID)
@@ -315,6 +504,44 @@ func Validate(m Message) error {
 		if !m.State && (m.Offset%PageSize != 0 || m.Length%PageSize != 0) {
 			return fmt.Errorf("fetch %d bytes at %d not page aligned: %w", m.Length, m.Offset, ErrMalformed)
 		}
+		if m.State && m.Sequential {
+			return fmt.Errorf("fetch of device state marked sequential: %w", ErrMalformed)
+		}
+	case *RestoreHello:
+		if err := ValidVMID(m.VMID); err != nil {
+			return err
+		}
+		if m.Resume && m.Epoch == 0 {
+			return fmt.Errorf("restore hello resumes epoch 0: %w", ErrMalformed)
+		}
+	case *RestoreWelcome:
+		if m.ImageSize == 0 || m.ImageSize%PageSize != 0 || m.ImageSize > 1<<50 {
+			return fmt.Errorf("restore welcome image size %d not a positive multiple of %d: %w", m.ImageSize, PageSize, ErrMalformed)
+		}
+		if m.Epoch == 0 || m.Committed < m.Epoch {
+			return fmt.Errorf("restore welcome epoch %d, committed %d: %w", m.Epoch, m.Committed, ErrMalformed)
+		}
+		if m.StateLen > 1<<40 || m.Pages > m.ImageSize/PageSize || m.Runs > m.Pages {
+			return fmt.Errorf("restore welcome state %d, %d pages in %d runs out of range: %w", m.StateLen, m.Pages, m.Runs, ErrMalformed)
+		}
+	case *Runs:
+		if len(m.Runs) == 0 || len(m.Runs) > MaxData/RunSize {
+			return fmt.Errorf("runs frame with %d runs: %w", len(m.Runs), ErrMalformed)
+		}
+		for i, r := range m.Runs {
+			if r.Count == 0 || r.First > 1<<50 {
+				return fmt.Errorf("run %d: %d pages at page %d out of range: %w", i, r.Count, r.First, ErrMalformed)
+			}
+		}
+	case *RestorePages:
+		n := len(m.Sums)
+		if n == 0 || len(m.Data) != n*PageSize || len(m.Data) > MaxData || m.Offset%PageSize != 0 || m.Offset > 1<<62 {
+			return fmt.Errorf("restore pages: %d sums, %d bytes at %d: %w", n, len(m.Data), m.Offset, ErrMalformed)
+		}
+		if c := RestorePagesCRC(m.Sums, m.Data); c != m.CRC {
+			return fmt.Errorf("restore pages at %d: crc %08x, content has %08x: %w", m.Offset, m.CRC, c, ErrMalformed)
+		}
+	case *Ping, *Pong:
 	case *Pages:
 		if len(m.Data) == 0 || len(m.Data) > MaxData || m.Offset > 1<<62 {
 			return fmt.Errorf("pages %d bytes at %d out of range: %w", len(m.Data), m.Offset, ErrMalformed)
@@ -401,11 +628,27 @@ func Decode(body []byte) (Message, error) {
 		})
 	case TypeFetch:
 		m, err = fixed(p, 21, t, func() Message {
-			return &Fetch{ID: be.Uint64(p), Offset: be.Uint64(p[8:]), Length: be.Uint32(p[16:]), State: p[20] == 1}
+			return &Fetch{ID: be.Uint64(p), Offset: be.Uint64(p[8:]), Length: be.Uint32(p[16:]),
+				State: p[20]&fetchState != 0, Sequential: p[20]&fetchSequential != 0}
 		})
-		if err == nil && p[20] > 1 {
-			err = fmt.Errorf("decode fetch: state flag %d: %w", p[20], ErrMalformed)
+		if err == nil && p[20]&^(fetchState|fetchSequential) != 0 {
+			err = fmt.Errorf("decode fetch: flags %#x: %w", p[20], ErrMalformed)
 		}
+	case TypeRestoreHello:
+		m, err = decodeRestoreHello(p)
+	case TypeRestoreWelcome:
+		m, err = fixed(p, 52, t, func() Message {
+			return &RestoreWelcome{Committed: be.Uint64(p), Epoch: be.Uint64(p[8:]), ImageSize: be.Uint64(p[16:]),
+				StateLen: be.Uint64(p[24:]), StateCRC: be.Uint32(p[32:]), Pages: be.Uint64(p[36:]), Runs: be.Uint64(p[44:])}
+		})
+	case TypeRuns:
+		m, err = decodeRuns(p)
+	case TypeRestorePages:
+		m, err = decodeRestorePages(p)
+	case TypePing:
+		m, err = fixed(p, 8, t, func() Message { return &Ping{ID: be.Uint64(p)} })
+	case TypePong:
+		m, err = fixed(p, 8, t, func() Message { return &Pong{ID: be.Uint64(p)} })
 	case TypePages:
 		m, err = atLeast(p, 20, t, func() Message {
 			return &Pages{ID: be.Uint64(p), Offset: be.Uint64(p[8:]), CRC: be.Uint32(p[16:]), Data: p[20:]}
@@ -465,6 +708,58 @@ func decodeHello(p []byte) (Message, error) {
 	h.ImageSize = be.Uint64(p[3+n:])
 	h.Epoch = be.Uint64(p[3+n+8:])
 	return h, nil
+}
+
+func decodeRestoreHello(p []byte) (Message, error) {
+	if len(p) < 3 {
+		return nil, fmt.Errorf("decode restore hello: payload %d bytes: %w", len(p), ErrMalformed)
+	}
+	n := int(p[2])
+	if len(p) != 3+n+9 {
+		return nil, fmt.Errorf("decode restore hello: payload %d bytes, id of %d needs %d: %w", len(p), n, 3+n+9, ErrMalformed)
+	}
+	h := &RestoreHello{Version: be.Uint16(p), VMID: string(p[3 : 3+n]), Epoch: be.Uint64(p[3+n:])}
+	switch p[3+n+8] {
+	case 0:
+	case 1:
+		h.Resume = true
+	default:
+		return nil, fmt.Errorf("decode restore hello: resume flag %d: %w", p[3+n+8], ErrMalformed)
+	}
+	return h, nil
+}
+
+func decodeRuns(p []byte) (Message, error) {
+	if len(p) < 4 {
+		return nil, fmt.Errorf("decode runs: payload %d bytes: %w", len(p), ErrMalformed)
+	}
+	n := uint64(be.Uint32(p))
+	if uint64(len(p)-4) != n*RunSize {
+		return nil, fmt.Errorf("decode runs: payload %d bytes for %d runs: %w", len(p), n, ErrMalformed)
+	}
+	m := &Runs{Runs: make([]Run, n)}
+	for i := range m.Runs {
+		q := p[4+i*RunSize:]
+		m.Runs[i] = Run{First: be.Uint64(q), Count: be.Uint32(q[8:]), Epoch: be.Uint64(q[12:])}
+	}
+	return m, nil
+}
+
+func decodeRestorePages(p []byte) (Message, error) {
+	if len(p) < 24 {
+		return nil, fmt.Errorf("decode restore pages: payload %d bytes: %w", len(p), ErrMalformed)
+	}
+	n := uint64(be.Uint32(p[20:]))
+	if n > MaxData/PageSize || uint64(len(p)-24) != n*(PageSumSize+PageSize) {
+		return nil, fmt.Errorf("decode restore pages: payload %d bytes for %d pages: %w", len(p), n, ErrMalformed)
+	}
+	m := &RestorePages{ID: be.Uint64(p), Offset: be.Uint64(p[8:]), CRC: be.Uint32(p[16:]), Sums: make([]PageSum, n)}
+	for i := range m.Sums {
+		q := p[24+i*PageSumSize:]
+		m.Sums[i] = PageSum{CRC: be.Uint32(q), Epoch: be.Uint64(q[4:])}
+	}
+	m.Data = p[24+n*PageSumSize:]
+	return m, nil
 }
 
 func decodeCommit(p []byte) Message {
@@ -544,6 +839,9 @@ func (w *Writer) Write(m Message) error {
 	if pg, ok := m.(*Pages); ok {
 		return w.writeData(m, pg.ID, pg.Offset, pg.CRC, pg.Data)
 	}
+	if rp, ok := m.(*RestorePages); ok {
+		return w.writeRestorePages(rp)
+	}
 	var err error
 	w.buf, err = AppendFrame(w.buf[:0], m)
 	if err != nil {
@@ -578,6 +876,28 @@ func (w *Writer) writeData(m Message, epoch, off uint64, crc uint32, data []byte
 		return fmt.Errorf("write %s frame: %w", m.Type(), err)
 	}
 	if _, err := w.w.Write(data); err != nil {
+		return fmt.Errorf("write %s frame data: %w", m.Type(), err)
+	}
+	return nil
+}
+
+// writeRestorePages writes a RestorePages frame without copying its data
+// into the frame buffer.
+func (w *Writer) writeRestorePages(m *RestorePages) error {
+	if err := Validate(m); err != nil {
+		return fmt.Errorf("encode %s: %w", m.Type(), err)
+	}
+	w.buf = append(w.buf[:0], 0, 0, 0, 0, byte(m.Type()))
+	w.buf = be.AppendUint64(w.buf, m.ID)
+	w.buf = be.AppendUint64(w.buf, m.Offset)
+	w.buf = be.AppendUint32(w.buf, m.CRC)
+	w.buf = be.AppendUint32(w.buf, uint32(len(m.Sums)))
+	w.buf = AppendPageSums(w.buf, m.Sums)
+	be.PutUint32(w.buf, uint32(len(w.buf)-4+len(m.Data)))
+	if _, err := w.w.Write(w.buf); err != nil {
+		return fmt.Errorf("write %s frame: %w", m.Type(), err)
+	}
+	if _, err := w.w.Write(m.Data); err != nil {
 		return fmt.Errorf("write %s frame data: %w", m.Type(), err)
 	}
 	return nil

@@ -24,7 +24,19 @@ func sampleMessages() []Message {
 		&Commit{Epoch: 3, Extents: 1, Bytes: uint64(len(d)), Digest: 42, StateLen: uint64(len(s)), StateCRC: Checksum(s), Restorable: true},
 		&Ack{Epoch: 3},
 		&Error{Code: CodeEpoch, Message: "resync"},
+		&Fetch{ID: 11, Offset: 1 << 20, Length: 1 << 20, Sequential: true},
+		&RestoreHello{Version: Version, VMID: "vm-1", Epoch: 0},
+		&RestoreHello{Version: Version, VMID: "vm-1", Epoch: 7, Resume: true},
+		&RestoreWelcome{Committed: 8, Epoch: 7, ImageSize: 256 << 20, StateLen: 900, StateCRC: 5, Pages: 300, Runs: 2},
+		&Runs{Runs: []Run{{First: 0, Count: 100, Epoch: 7}, {First: 4096, Count: 200, Epoch: 0}}},
+		restorePages(12, 8192, d, []PageSum{{CRC: Checksum(d[:PageSize]), Epoch: 3}, {CRC: 1, Epoch: 7}}),
+		&Ping{ID: 13},
+		&Pong{ID: 13},
 	}
+}
+
+func restorePages(id, off uint64, data []byte, sums []PageSum) *RestorePages {
+	return &RestorePages{ID: id, Offset: off, CRC: RestorePagesCRC(sums, data), Sums: sums, Data: data}
 }
 
 func TestRoundTrip(t *testing.T) {
@@ -91,6 +103,25 @@ func TestRejectsMalformed(t *testing.T) {
 		"extent crc":      badCRC,
 		"vm id traversal": traversal,
 		"truncated body":  good[:100],
+		"fetch flags":     {0, 0, 0, 22, byte(TypeFetch), 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 4},
+		"restore pages crc": func() []byte {
+			b, _ := AppendFrame(nil, restorePages(1, 0, d, []PageSum{{CRC: 9, Epoch: 1}}))
+			b[len(b)-PageSize-PageSumSize+3] ^= 1 // a stored sum changed in transit
+			return b
+		}(),
+		"restore pages count": func() []byte {
+			b, _ := AppendFrame(nil, restorePages(1, 0, d, []PageSum{{CRC: 9, Epoch: 1}}))
+			b[5+20+3] = 2 // claims two pages, carries one
+			return b
+		}(),
+		"runs count": {0, 0, 0, 5, byte(TypeRuns), 0, 0, 0, 1},
+		"resume epoch 0": func() []byte {
+			b, _ := AppendFrame(nil, &RestoreHello{Version: 1, VMID: "vm", Epoch: 1, Resume: true})
+			for i := len(b) - 9; i < len(b)-1; i++ {
+				b[i] = 0
+			}
+			return b
+		}(),
 	}
 	for name, b := range cases {
 		_, err := NewReader(bytes.NewReader(b)).Read()
@@ -104,12 +135,39 @@ func TestRejectsMalformed(t *testing.T) {
 	}
 }
 
+// TestRestorePagesBlame: the frame's own CRC covers the transfer; a page
+// whose stored sum disagrees with its data still decodes (the frame is
+// intact), and it is the receiver's check against PageSum.CRC that finds
+// the backup's copy damaged.
+func TestRestorePagesBlame(t *testing.T) {
+	d := page(5, 2)
+	d[PageSize+9] ^= 0x10 // the backup's image has a flipped bit
+	sums := []PageSum{{CRC: Checksum(page(5, 1)), Epoch: 2}, {CRC: Checksum(page(5, 1)), Epoch: 2}}
+	b, err := AppendFrame(nil, restorePages(4, 0, d, sums))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := Decode(b[4:])
+	if err != nil {
+		t.Fatalf("intact frame refused: %v", err)
+	}
+	rp := m.(*RestorePages)
+	if Checksum(rp.Data[:PageSize]) != rp.Sums[0].CRC || Checksum(rp.Data[PageSize:]) == rp.Sums[1].CRC {
+		t.Fatal("per-page sums do not single out the damaged page")
+	}
+}
+
 func TestEncodeRejectsInvalid(t *testing.T) {
 	bad := []Message{
 		&Hello{Version: 1, VMID: "a/b", ImageSize: 4096, Epoch: 1},
 		&Hello{Version: 1, VMID: "vm", ImageSize: 100, Epoch: 1},
 		&Extent{Epoch: 1, Offset: 100, Data: page(0, 1), CRC: Checksum(page(0, 1))},
 		&Extent{Epoch: 1, Offset: 0, Data: make([]byte, MaxData+PageSize)},
+		&Fetch{ID: 1, Offset: 0, Length: 10, State: true, Sequential: true},
+		&RestoreHello{Version: 1, VMID: "vm", Resume: true},
+		&RestoreWelcome{Committed: 1, Epoch: 2, ImageSize: 4096},
+		&Runs{},
+		&RestorePages{ID: 1, Offset: 0, Sums: []PageSum{{}}, Data: page(0, 2)},
 	}
 	for _, m := range bad {
 		if _, err := AppendFrame(nil, m); !errors.Is(err, ErrMalformed) {
