@@ -44,13 +44,35 @@ func TestServiceUnitVerifies(t *testing.T) {
 	if err := os.WriteFile(copyPath, []byte(strings.ReplaceAll(string(unit), "/usr/bin/hostd", bin)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command(analyze, "verify", "--man=no", copyPath).CombinedOutput()
+	verify(t, analyze, copyPath, "hostd.service")
+
+	// The memory server template, instantiated.
+	ms, err := os.ReadFile("hostd-memserver@.service")
 	if err != nil {
-		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+		t.Fatal(err)
 	}
-	// Unknown or malformed settings are only warnings (exit 0): fail on them.
+	for _, want := range []string{"ExecStart=/usr/bin/hostd memserve -config /var/lib/hostd/vms/%i/memserver.json", "Restart=no"} {
+		if !strings.Contains(string(ms), want) {
+			t.Errorf("hostd-memserver@.service lacks %q", want)
+		}
+	}
+	msPath := filepath.Join(dir, "hostd-memserver@vm1.service")
+	if err := os.WriteFile(msPath, []byte(strings.ReplaceAll(string(ms), "/usr/bin/hostd", bin)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	verify(t, analyze, msPath, "hostd-memserver@")
+}
+
+// verify runs systemd-analyze verify on a unit and fails on any warning
+// that names it: unknown or malformed settings are only warnings (exit 0).
+func verify(t *testing.T, analyze, path, name string) {
+	t.Helper()
+	out, err := exec.Command(analyze, "verify", "--man=no", path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("systemd-analyze verify %s: %v\n%s", path, err, out)
+	}
 	for _, line := range strings.Split(string(out), "\n") {
-		if strings.Contains(line, "hostd.service") {
+		if strings.Contains(line, name) {
 			t.Errorf("systemd-analyze verify warns: %s", line)
 		}
 	}

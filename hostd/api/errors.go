@@ -8,6 +8,7 @@ import (
 	"hostd/dataplane"
 	"hostd/hostd/connector"
 	"hostd/hostd/jobs"
+	"hostd/hostd/protect"
 	"hostd/hostd/vm"
 	"hostd/xen"
 )
@@ -26,6 +27,16 @@ func status(err error) (int, string) {
 		errors.Is(err, dataplane.ErrInvalid), errors.Is(err, dataplane.ErrNotLocal),
 		errors.Is(err, dataplane.ErrDeviceInUse), errors.Is(err, dataplane.ErrUnknownDevice):
 		return http.StatusBadRequest, "invalid_request"
+	case errors.Is(err, protect.ErrNotServed), errors.Is(err, protect.ErrBadState):
+		return http.StatusBadRequest, "invalid_request"
+	case errors.Is(err, protect.ErrNotProtected):
+		return http.StatusConflict, "not_protected"
+	case errors.Is(err, protect.ErrProtected):
+		return http.StatusConflict, "protected"
+	case errors.Is(err, protect.ErrNotConfigured):
+		return http.StatusNotImplemented, "not_configured"
+	case errors.Is(err, protect.ErrBackup):
+		return http.StatusBadGateway, "backup_unavailable"
 	case errors.Is(err, vm.ErrNotFound), errors.Is(err, jobs.ErrNotFound), errors.Is(err, xen.ErrNotFound),
 		errors.Is(err, dataplane.ErrNotFound):
 		return http.StatusNotFound, "not_found"

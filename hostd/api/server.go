@@ -22,6 +22,7 @@ import (
 	"hostd/hostd/connector"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
+	"hostd/hostd/protect"
 	"hostd/hostd/vm"
 	"hostd/xen"
 )
@@ -37,6 +38,13 @@ type HostInfo struct {
 	Version   string         `json:"version"`
 	Roles     []string       `json:"roles"`
 	Dataplane *DataplaneInfo `json:"dataplane,omitempty"`
+	Backup    *BackupInfo    `json:"backup,omitempty"`
+}
+
+// BackupInfo describes the backup role, when this hostd plays it.
+type BackupInfo struct {
+	Listen string `json:"listen"`
+	Dir    string `json:"dir"`
 }
 
 // DataplaneInfo describes the connector dataplane, when one runs.
@@ -53,7 +61,9 @@ type Deps struct {
 	Events     *events.Broker
 	Hypervisor xen.Hypervisor
 	Connectors *connector.Manager
-	Dataplane  *DataplaneInfo // nil: no dataplane
+	Protection *protect.Manager // nil: no memory plane (501)
+	Dataplane  *DataplaneInfo   // nil: no dataplane
+	Backup     *BackupInfo      // nil: not a backup
 	Version    string
 	Roles      []string
 	// Registry receives the API's own metrics; Gatherer is served on /metrics.
@@ -103,6 +113,24 @@ func New(d Deps, group string) (*Server, error) {
 
 	s.route("GET /v1/host", s.getHost)
 	s.route("GET /v1/openapi.yaml", s.getOpenAPI)
+	s.route("GET /v1/jobs", s.listJobs)
+	s.route("GET /v1/jobs/{id}", s.getJob)
+	s.route("GET /v1/events", s.streamEvents)
+	if d.Gatherer != nil {
+		s.route("GET /metrics", promhttp.HandlerFor(d.Gatherer, promhttp.HandlerOpts{}).ServeHTTP)
+	}
+	if d.VMs != nil {
+		s.hostRoutes()
+	}
+	// Anything else: a JSON 404 rather than the mux's plain text.
+	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeErrorCode(w, http.StatusNotFound, "no_route", fmt.Sprintf("no route %s %s (see GET /v1/openapi.yaml)", r.Method, r.URL.Path))
+	})
+	return s, nil
+}
+
+// hostRoutes are the host role's: VMs, connectors, protection.
+func (s *Server) hostRoutes() {
 	s.route("GET /v1/vms", s.listVMs)
 	s.route("POST /v1/vms", s.createVM)
 	s.route("GET /v1/vms/{name}", s.getVM)
@@ -118,17 +146,13 @@ func New(d Deps, group string) (*Server, error) {
 	s.route("PUT /v1/connectors/{id}", s.updateConnector)
 	s.route("DELETE /v1/connectors/{id}", s.deleteConnector)
 	s.route("GET /v1/connectors/{id}/stats", s.connectorStats)
-	s.route("GET /v1/jobs", s.listJobs)
-	s.route("GET /v1/jobs/{id}", s.getJob)
-	s.route("GET /v1/events", s.streamEvents)
-	if d.Gatherer != nil {
-		s.route("GET /metrics", promhttp.HandlerFor(d.Gatherer, promhttp.HandlerOpts{}).ServeHTTP)
-	}
-	// Anything else: a JSON 404 rather than the mux's plain text.
-	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeErrorCode(w, http.StatusNotFound, "no_route", fmt.Sprintf("no route %s %s (see GET /v1/openapi.yaml)", r.Method, r.URL.Path))
-	})
-	return s, nil
+	s.route("GET /v1/protection", s.listProtection)
+	s.route("PUT /v1/vms/{name}/protection", s.putProtection)
+	s.route("GET /v1/vms/{name}/protection", s.getProtection)
+	s.route("DELETE /v1/vms/{name}/protection", s.deleteProtection)
+	s.route("POST /v1/vms/{name}/evacuate", s.evacuateVM)
+	s.route("POST /v1/vms/{name}/epoch", s.epochVM)
+	s.route("POST /v1/host/evacuate", s.evacuateHost)
 }
 
 // route registers h for pattern, a JSON 405 for the path's other methods,
@@ -234,12 +258,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 func (s *Server) getHost(w http.ResponseWriter, r *http.Request) {
-	h, err := s.d.Hypervisor.Host(r.Context())
-	if err != nil {
-		writeError(w, fmt.Errorf("host info: %w", err))
-		return
+	info := HostInfo{Version: s.d.Version, Roles: s.d.Roles, Dataplane: s.d.Dataplane, Backup: s.d.Backup}
+	if s.d.Hypervisor != nil {
+		h, err := s.d.Hypervisor.Host(r.Context())
+		if err != nil {
+			writeError(w, fmt.Errorf("host info: %w", err))
+			return
+		}
+		info.HostInfo = h
 	}
-	writeJSON(w, http.StatusOK, HostInfo{HostInfo: h, Version: s.d.Version, Roles: s.d.Roles, Dataplane: s.d.Dataplane})
+	writeJSON(w, http.StatusOK, info)
 }
 
 func (s *Server) getOpenAPI(w http.ResponseWriter, r *http.Request) {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -31,7 +32,59 @@ type Config struct {
 	Hypervisor Hypervisor `toml:"hypervisor"`
 	Guest      Guest      `toml:"guest"`
 	Dataplane  Dataplane  `toml:"dataplane"`
+	Checkpoint Checkpoint `toml:"checkpoint"`
+	Backup     Backup     `toml:"backup"`
+	Notice     Notice     `toml:"notice"`
 	Log        Log        `toml:"log"`
+}
+
+// TLS names the PEM files of an identity and the CA that vouches for peers
+// (`make pki` creates a test set).
+type TLS struct {
+	CA   string `toml:"ca"`
+	Cert string `toml:"cert"`
+	Key  string `toml:"key"`
+}
+
+// Set reports whether all three files are named.
+func (t TLS) Set() bool { return t.CA != "" && t.Cert != "" && t.Key != "" }
+
+// Checkpoint configures the host side of memory protection: how this host
+// authenticates to backups and the defaults of a protection request.
+type Checkpoint struct {
+	TLS TLS `toml:"tls"`
+	// DefaultBound is T when a protection request names none.
+	DefaultBound Duration `toml:"default_bound"`
+	// CommitInterval is how often streamed pages are committed (made
+	// durable) between restore points when no epoch interval is set.
+	CommitInterval Duration `toml:"commit_interval"`
+	// BackupBandwidth (bytes/s) is what all protected VMs of this host may
+	// send to backups together; it is shared among them by weight. 0: no
+	// host limit (the VMs' connections share the link as TCP does).
+	BackupBandwidth float64 `toml:"backup_bandwidth"`
+}
+
+// Backup configures the backup role: a TLS listener storing checkpoints.
+type Backup struct {
+	Listen string `toml:"listen"` // host:port
+	Dir    string `toml:"dir"`    // the store; default <state_dir>/backup
+	TLS    TLS    `toml:"tls"`
+}
+
+// Notice configures the cloud termination-notice watchers; each is off by
+// default. A notice evacuates every protected VM.
+type Notice struct {
+	EC2   Watcher `toml:"ec2"`
+	GCE   Watcher `toml:"gce"`
+	Azure Watcher `toml:"azure"`
+}
+
+// Watcher is one provider's metadata poller.
+type Watcher struct {
+	Enabled bool   `toml:"enabled"`
+	BaseURL string `toml:"base_url"`
+	// Interval between polls; 0 is the provider's documented cadence.
+	Interval Duration `toml:"interval"`
 }
 
 // Dataplane configures VirtualWire connectors (kernel VXLAN + eBPF).
@@ -119,7 +172,17 @@ func Default() Config {
 			Cmdline: "console=ttyS0 panic=-1",
 		},
 		Dataplane: Dataplane{Backend: "ebpf", VXLANDevice: "vw0", Port: 4789, PinPath: "/sys/fs/bpf/hostd"},
-		Log:       Log{Level: "info", Format: "json"},
+		Checkpoint: Checkpoint{
+			DefaultBound:   Duration{30 * time.Second},
+			CommitInterval: Duration{2 * time.Second},
+		},
+		Backup: Backup{Listen: "0.0.0.0:7443"},
+		Notice: Notice{
+			EC2:   Watcher{BaseURL: "http://169.254.169.254"},
+			GCE:   Watcher{BaseURL: "http://169.254.169.254"},
+			Azure: Watcher{BaseURL: "http://169.254.169.254"},
+		},
+		Log: Log{Level: "info", Format: "json"},
 	}
 }
 
@@ -182,6 +245,22 @@ func (c Config) Validate() error {
 	if err := c.Dataplane.validate(); err != nil {
 		return err
 	}
+	if err := c.Checkpoint.validate(); err != nil {
+		return err
+	}
+	if c.HasRole(RoleBackup) {
+		if err := c.Backup.validate(); err != nil {
+			return err
+		}
+	}
+	for name, w := range map[string]Watcher{"ec2": c.Notice.EC2, "gce": c.Notice.GCE, "azure": c.Notice.Azure} {
+		if w.Enabled && !strings.HasPrefix(w.BaseURL, "http://") && !strings.HasPrefix(w.BaseURL, "https://") {
+			return fmt.Errorf("notice.%s.base_url: %q is not an http(s) URL", name, w.BaseURL)
+		}
+		if w.Interval.Duration < 0 {
+			return fmt.Errorf("notice.%s.interval: must not be negative", name)
+		}
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -213,6 +292,45 @@ func (d Dataplane) validate() error {
 		return fmt.Errorf("dataplane.vxlan_device: %q must be 1-15 characters", d.VXLANDevice)
 	}
 	return nil
+}
+
+func (c Checkpoint) validate() error {
+	if c.DefaultBound.Duration <= 0 {
+		return errors.New("checkpoint.default_bound: must be positive")
+	}
+	if c.CommitInterval.Duration < 0 {
+		return errors.New("checkpoint.commit_interval: must not be negative")
+	}
+	if c.BackupBandwidth < 0 {
+		return errors.New("checkpoint.backup_bandwidth: must not be negative")
+	}
+	return c.TLS.validate("checkpoint.tls", false)
+}
+
+func (b Backup) validate() error {
+	if _, _, err := net.SplitHostPort(b.Listen); err != nil {
+		return fmt.Errorf("backup.listen: %q is not host:port: %w", b.Listen, err)
+	}
+	if b.Dir != "" && !filepath.IsAbs(b.Dir) {
+		return fmt.Errorf("backup.dir: %q must be an absolute path", b.Dir)
+	}
+	return b.TLS.validate("backup.tls", true)
+}
+
+// validate checks that the files are all named or (unless required) none.
+func (t TLS) validate(section string, required bool) error {
+	if !t.Set() && (required || t.CA != "" || t.Cert != "" || t.Key != "") {
+		return fmt.Errorf("%s: ca, cert and key must all be set (make pki creates a test set)", section)
+	}
+	return nil
+}
+
+// BackupDir is where the backup role keeps its store.
+func (c Config) BackupDir() string {
+	if c.Backup.Dir != "" {
+		return c.Backup.Dir
+	}
+	return filepath.Join(c.StateDir, "backup")
 }
 
 // HasRole reports whether role r is switched on.

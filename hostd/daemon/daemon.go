@@ -2,9 +2,10 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"sync"
 	"time"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
@@ -17,6 +18,7 @@ import (
 	"hostd/hostd/connector"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
+	"hostd/hostd/protect"
 	"hostd/hostd/store"
 	"hostd/hostd/vm"
 	"hostd/xen"
@@ -35,9 +37,6 @@ type Options struct {
 // Run serves until ctx ends, then stops gracefully.
 func Run(ctx context.Context, o Options) error {
 	cfg, log := o.Config, o.Log
-	if !cfg.HasRole(config.RoleHost) {
-		return errors.New("run hostd: only the host role exists so far; set roles = [\"host\"]")
-	}
 	if err := cfg.EnsureDirs(); err != nil {
 		return fmt.Errorf("run hostd: %w", err)
 	}
@@ -46,12 +45,6 @@ func Run(ctx context.Context, o Options) error {
 		return fmt.Errorf("run hostd: %w", err)
 	}
 	defer st.Close()
-
-	hv, err := connect(ctx, o)
-	if err != nil {
-		return fmt.Errorf("run hostd: %w", err)
-	}
-	defer hv.Close()
 
 	// Background work lives as long as the daemon, not as long as a request.
 	bg, stopBG := context.WithCancel(context.WithoutCancel(ctx))
@@ -62,37 +55,32 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return fmt.Errorf("run hostd: %w", err)
 	}
-	vms := vm.NewManager(bg, cfg, hv, st, ev, jm, log)
-
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), vm.NewCollector(vms))
-
-	dp, self, err := openDataplane(ctx, cfg.Dataplane, log)
-	if err != nil {
-		return fmt.Errorf("run hostd: %w", err)
-	}
-	var dpInfo *api.DataplaneInfo
-	if dp != nil {
-		// With pinned maps, Close leaves connectors forwarding for the next
-		// daemon; without, it removes them (Restore re-creates them).
-		defer dp.Close()
-		vms.SetNICMTU(dp.MTU())
-		reg.MustRegister(dataplane.NewCollector(dp))
-		dpInfo = &api.DataplaneInfo{Backend: string(dp.Backend()), Underlay: self.String(), MTU: dp.MTU()}
-	}
-	conns := connector.NewManager(dp, self, vms, st, ev, log)
-	if err := conns.Restore(ctx); err != nil {
-		log.Error("some connectors could not be restored; GET /v1/connectors lists what the store holds", "err", err)
-	}
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	build := prometheus.NewGauge(prometheus.GaugeOpts{Name: "hostd_build_info", Help: "hostd version.", ConstLabels: prometheus.Labels{"version": o.Version}})
 	build.Set(1)
 	reg.MustRegister(build)
+	deps := api.Deps{Jobs: jm, Events: ev, Version: o.Version, Roles: cfg.Roles, Registry: reg, Gatherer: reg, Log: log}
 
-	srv, err := api.New(api.Deps{
-		VMs: vms, Jobs: jm, Events: ev, Hypervisor: hv, Connectors: conns, Dataplane: dpInfo,
-		Version: o.Version, Roles: cfg.Roles,
-		Registry: reg, Gatherer: reg, Log: log,
-	}, cfg.API.Group)
+	if cfg.HasRole(config.RoleBackup) {
+		stop, addr, err := startBackup(bg, cfg, log)
+		if err != nil {
+			return fmt.Errorf("run hostd: %w", err)
+		}
+		defer stop()
+		deps.Backup = &api.BackupInfo{Listen: addr, Dir: cfg.BackupDir()}
+	}
+
+	var host *hostRole
+	if cfg.HasRole(config.RoleHost) {
+		host, err = startHost(ctx, bg, o, st, ev, jm, reg, &deps)
+		if err != nil {
+			return fmt.Errorf("run hostd: %w", err)
+		}
+		defer host.close()
+	}
+
+	srv, err := api.New(deps, cfg.API.Group)
 	if err != nil {
 		return fmt.Errorf("run hostd: %w", err)
 	}
@@ -100,12 +88,9 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return fmt.Errorf("run hostd: %w", err)
 	}
-
-	runDone := make(chan struct{})
-	go func() {
-		defer close(runDone)
-		vms.Run(bg, cfg.Hypervisor.ReconcileInterval.Duration)
-	}()
+	if host != nil {
+		host.run(bg)
+	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(bg, l) }()
 
@@ -120,7 +105,7 @@ func Run(ctx context.Context, o Options) error {
 	}
 
 	// Graceful stop: stop taking requests, let jobs finish for a while, and
-	// leave every guest running.
+	// leave every guest (and its memory server) running.
 	_, _ = sdnotify.SdNotify(false, sdnotify.SdNotifyStopping)
 	log.Info("hostd stopping; guests keep running")
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
@@ -132,9 +117,96 @@ func Run(ctx context.Context, o Options) error {
 	if werr := jm.Wait(sctx); werr != nil {
 		log.Warn("jobs still running at stop; they will show as interrupted", "err", werr)
 	}
-	<-runDone
-	vms.Wait()
+	if host != nil {
+		host.wait()
+	}
 	return err
+}
+
+// hostRole is the host role's parts: the hypervisor, VMs, connectors and
+// the memory plane.
+type hostRole struct {
+	cfg   config.Config
+	log   *slog.Logger
+	hv    xen.Hypervisor
+	vms   *vm.Manager
+	prot  *protect.Manager
+	dp    dataplane.Dataplane
+	loops sync.WaitGroup
+}
+
+func startHost(ctx, bg context.Context, o Options, st *store.Store, ev *events.Broker, jm *jobs.Manager, reg *prometheus.Registry, deps *api.Deps) (*hostRole, error) {
+	cfg, log := o.Config, o.Log
+	hv, err := connect(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	h := &hostRole{cfg: cfg, log: log, hv: hv}
+	h.vms = vm.NewManager(bg, cfg, hv, st, ev, jm, log)
+	reg.MustRegister(vm.NewCollector(h.vms))
+
+	exe, err := os.Executable()
+	if err != nil {
+		hv.Close()
+		return nil, fmt.Errorf("find own executable (memory servers run it): %w", err)
+	}
+	h.prot = protect.NewManager(bg, cfg, hv, h.vms, protect.NewMemories(cfg, exe, log), st, ev, jm, log)
+	h.vms.SetMemory(h.prot)
+	reg.MustRegister(protect.NewCollector(h.prot))
+
+	dp, self, err := openDataplane(ctx, cfg.Dataplane, log)
+	if err != nil {
+		hv.Close()
+		return nil, err
+	}
+	if dp != nil {
+		h.dp = dp
+		h.vms.SetNICMTU(dp.MTU())
+		reg.MustRegister(dataplane.NewCollector(dp))
+		deps.Dataplane = &api.DataplaneInfo{Backend: string(dp.Backend()), Underlay: self.String(), MTU: dp.MTU()}
+	}
+	conns := connector.NewManager(dp, self, h.vms, st, ev, log)
+	if err := conns.Restore(ctx); err != nil {
+		log.Error("some connectors could not be restored; GET /v1/connectors lists what the store holds", "err", err)
+	}
+	deps.VMs, deps.Hypervisor, deps.Connectors, deps.Protection = h.vms, hv, conns, h.prot
+	return h, nil
+}
+
+// run starts the host role's background loops: reconciliation, protection
+// (re-attached to the memory servers that outlived the last hostd),
+// bandwidth shares and termination-notice watchers.
+func (h *hostRole) run(bg context.Context) {
+	h.loops.Add(3)
+	go func() {
+		defer h.loops.Done()
+		h.vms.Run(bg, h.cfg.Hypervisor.ReconcileInterval.Duration)
+	}()
+	h.prot.Resume(bg)
+	go func() {
+		defer h.loops.Done()
+		h.prot.Run(bg)
+	}()
+	go func() {
+		defer h.loops.Done()
+		watchNotices(bg, h.cfg.Notice, h.prot, h.log)
+	}()
+}
+
+func (h *hostRole) wait() {
+	h.loops.Wait()
+	h.vms.Wait()
+	h.prot.Wait()
+}
+
+// close releases the hypervisor connection and the dataplane. With pinned
+// maps, closing the dataplane leaves connectors forwarding for the next
+// daemon; without, it removes them (Restore re-creates them).
+func (h *hostRole) close() {
+	if h.dp != nil {
+		h.dp.Close()
+	}
+	h.hv.Close()
 }
 
 // connect retries the hypervisor driver until it answers: hostd is not

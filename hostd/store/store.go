@@ -19,9 +19,10 @@ const (
 	BucketVMs        = "vms"
 	BucketJobs       = "jobs"
 	BucketConnectors = "connectors"
+	BucketProtection = "protection"
 )
 
-var buckets = []string{BucketVMs, BucketJobs, BucketConnectors}
+var buckets = []string{BucketVMs, BucketJobs, BucketConnectors, BucketProtection}
 
 // Store is the open state file.
 type Store struct {

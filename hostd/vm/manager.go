@@ -39,10 +39,25 @@ type Manager struct {
 	// nicMTU is given to NICs that ask for none: the connectors' inner MTU,
 	// so a guest's eth0 fits the VXLAN link (0: the hypervisor's default).
 	nicMTU int
+	// mem serves the RAM of VMs created with ServedMemory (nil: refused).
+	mem Memory
+}
+
+// Memory serves guest RAM files: the seam between VM lifecycle and the
+// memory plane (package protect implements it with memory servers).
+type Memory interface {
+	// Serve makes sure a memory server serves the VM's RAM file of size
+	// bytes and returns the path QEMU maps. It is idempotent.
+	Serve(ctx context.Context, vm string, size int64) (ramPath string, err error)
+	// Release stops serving; only once no QEMU maps the file any more.
+	Release(ctx context.Context, vm string) error
 }
 
 // SetNICMTU sets the MTU of new VMs' NICs that request none.
 func (m *Manager) SetNICMTU(mtu int) { m.nicMTU = mtu }
+
+// SetMemory lets VMs be created with served memory.
+func (m *Manager) SetMemory(mem Memory) { m.mem = mem }
 
 // NewManager returns a manager; call Reconcile before serving requests.
 func NewManager(ctx context.Context, cfg config.Config, hv xen.Hypervisor, st *store.Store, ev *events.Broker, jm *jobs.Manager, log *slog.Logger) *Manager {
@@ -76,6 +91,17 @@ func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
 	if err := m.makeVMDirs(spec); err != nil {
 		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
 	}
+	if req.ServedMemory {
+		if m.mem == nil {
+			return VM{}, fmt.Errorf("create VM %q: %w: served memory is not available on this host", req.Name, ErrInvalid)
+		}
+		p, err := m.mem.Serve(ctx, spec.Name, int64(spec.MemoryMiB)<<20)
+		if err != nil {
+			m.removeVMFiles(spec)
+			return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
+		}
+		spec.RAMPath = p
+	}
 	undo := func() {
 		// Clean up with a fresh context: the request's may be what failed.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
@@ -86,6 +112,7 @@ func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
 		if err := m.hv.Undefine(cctx, spec.Name); err != nil && !errors.Is(err, xen.ErrNotFound) {
 			m.log.Error("cleanup after failed create: undefine", "vm", spec.Name, "err", err)
 		}
+		m.releaseMemory(cctx, spec.Name, req.ServedMemory)
 		m.removeVMFiles(spec)
 	}
 	if err := m.hv.Define(ctx, spec); err != nil {
@@ -97,7 +124,7 @@ func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
 		undo()
 		return VM{}, fmt.Errorf("create VM %q: read back: %w", req.Name, err)
 	}
-	rec := Record{Name: spec.Name, UUID: info.UUID, Spec: spec, Created: time.Now().UTC()}
+	rec := Record{Name: spec.Name, UUID: info.UUID, Spec: spec, Created: time.Now().UTC(), ServedMemory: req.ServedMemory}
 	if err := store.Put(m.st, store.BucketVMs, rec.Name, rec); err != nil {
 		undo()
 		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
@@ -152,6 +179,16 @@ func (m *Manager) spec(r Request) xen.DomainSpec {
 	}
 }
 
+// releaseMemory stops a VM's memory server once QEMU is gone.
+func (m *Manager) releaseMemory(ctx context.Context, name string, served bool) {
+	if !served || m.mem == nil {
+		return
+	}
+	if err := m.mem.Release(ctx, name); err != nil {
+		m.log.Warn("stop memory server", "vm", name, "err", err)
+	}
+}
+
 func (m *Manager) makeVMDirs(s xen.DomainSpec) error {
 	for _, d := range []string{filepath.Dir(s.RAMPath), filepath.Dir(s.AgentSocket)} {
 		if err := os.MkdirAll(d, 0o750); err != nil {
@@ -185,6 +222,15 @@ func (m *Manager) Start(ctx context.Context, name string) (VM, error) {
 
 // startLocked starts the domain and follows its serial log to readiness.
 func (m *Manager) startLocked(ctx context.Context, rec *Record) error {
+	if rec.ServedMemory {
+		// The memory server may have ended with the VM (or the host).
+		if m.mem == nil {
+			return fmt.Errorf("%w: the VM needs served memory, which this host does not offer", ErrInvalid)
+		}
+		if _, err := m.mem.Serve(ctx, rec.Name, int64(rec.Spec.MemoryMiB)<<20); err != nil {
+			return err
+		}
+	}
 	// Readiness is judged on what the serial log gains after this start:
 	// the log is appended across restarts.
 	offset := fileSize(rec.Spec.SerialLog)
@@ -301,6 +347,7 @@ func (m *Manager) Delete(ctx context.Context, name string) error {
 	if err := m.hv.Undefine(ctx, name); err != nil && !errors.Is(err, xen.ErrNotFound) {
 		return fmt.Errorf("delete VM %q: %w", name, err)
 	}
+	m.releaseMemory(ctx, name, rec.ServedMemory)
 	m.removeVMFiles(rec.Spec)
 	if err := m.st.Delete(store.BucketVMs, name); err != nil {
 		return fmt.Errorf("delete VM %q: %w", name, err)

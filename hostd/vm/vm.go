@@ -31,6 +31,9 @@ type Request struct {
 	NICs    []xen.NIC  `json:"nics,omitempty"`
 	// Start boots the VM right away (default true).
 	Start *bool `json:"start,omitempty"`
+	// ServedMemory puts the guest's RAM on a file hostd's memory server
+	// serves, which protection (checkpointing) needs. Default: a plain file.
+	ServedMemory bool `json:"served_memory,omitempty"`
 }
 
 // Record is what the store keeps per VM.
@@ -51,6 +54,8 @@ type Record struct {
 	// SerialOffset is the serial log's size at the last start: readiness
 	// is looked for after it, also by a restarted daemon.
 	SerialOffset int64 `json:"serial_offset,omitempty"`
+	// ServedMemory: the RAM file is served by the VM's memory server.
+	ServedMemory bool `json:"served_memory,omitempty"`
 	// Adopted: found running in libvirt with hostd's metadata, no record.
 	Adopted bool `json:"adopted,omitempty"`
 	// Vanished: the record exists but the hypervisor no longer has the domain.

@@ -5,6 +5,9 @@
 //	hostctl vm destroy NAME | delete NAME | console NAME [-n LINES] | stats NAME | wait-ready NAME [-timeout D]
 //	hostctl connector list | get ID | create ID A B | retarget ID A B | delete ID | stats ID
 //	  (an endpoint is HOST[/VM[/NIC]], e.g. 10.0.0.1/web/0)
+//	hostctl protect NAME -backup HOST:PORT [-bound 30s] [-epoch 0s] [-weight 1] [-wait] | unprotect NAME
+//	hostctl protection [NAME] | evacuate NAME [-deadline RFC3339 | -within D] [-after pause|destroy|resume] [-wait]
+//	hostctl epoch NAME | evacuate-host [-within D] [-wait]
 //	hostctl job list | get ID | wait ID
 //	hostctl events
 //	hostctl metrics
@@ -61,13 +64,21 @@ func usage() {
   host                                  hypervisor, accelerator, CPU, memory, version
   vm list                               all VMs
   vm get NAME                           one VM
-  vm create NAME [-memory MiB] [-vcpus N] [-kernel F] [-initrd F] [-cmdline S] [-nic TAP[,MAC]]... [-no-start]
+  vm create NAME [-memory MiB] [-vcpus N] [-kernel F] [-initrd F] [-cmdline S] [-nic TAP[,MAC]]... [-served] [-no-start]
   vm start|destroy|delete|stats NAME
   vm shutdown NAME [-timeout 60s] [-wait]
   vm console NAME [-n 50]
   vm wait-ready NAME [-timeout 2m]      wait until the guest agent announced itself
   connector list | get ID | delete ID | stats ID
   connector create|retarget ID A B      endpoints as HOST[/VM[/NIC]], e.g. 10.0.0.1/web/0
+  protect NAME -backup HOST:PORT [-bound 30s] [-epoch 0s] [-weight 1] [-wait]
+                                        checkpoint a VM (created with -served) to a backup
+  unprotect NAME                        stop checkpointing
+  protection [NAME]                     state, unflushed bytes, cap, bandwidth, headroom
+  evacuate NAME [-within D | -deadline T] [-after pause|destroy|resume] [-wait]
+                                        pause, final flush, device state, restorable commit
+  evacuate-host [-within D] [-wait]     evacuate every protected VM at once
+  epoch NAME                            take a crash-consistent restore point now
   job list | job get ID | job wait ID
   events                                stream events (one JSON object per line)
   metrics                               Prometheus metrics
@@ -103,6 +114,8 @@ func (a *cli) run(ctx context.Context, args []string) error {
 		return a.job(ctx, args[1:])
 	case "connector":
 		return a.connector(ctx, args[1:])
+	case "protect", "unprotect", "protection", "evacuate", "evacuate-host", "epoch":
+		return a.protection(ctx, args[0], args[1:])
 	case "events":
 		ch, err := a.c.Events(ctx)
 		if err != nil {
@@ -154,6 +167,7 @@ func (a *cli) vm(ctx context.Context, args []string) error {
 	initrd := fs.String("initrd", "", "initrd")
 	cmdline := fs.String("cmdline", "", "kernel command line")
 	noStart := fs.Bool("no-start", false, "define only")
+	served := fs.Bool("served", false, "RAM served by hostd (needed for protection)")
 	var nics nicFlags
 	fs.Var(&nics, "nic", "TAP[,MAC] (repeatable)")
 	timeout := fs.Duration("timeout", 0, "shutdown: ACPI timeout; wait-ready: how long to wait")
@@ -181,7 +195,7 @@ func (a *cli) vm(ctx context.Context, args []string) error {
 	case "create":
 		start := !*noStart
 		v, err := a.c.CreateVM(ctx, vm.Request{Name: name, MemoryMiB: *memory, VCPUs: *vcpus,
-			Kernel: *kernel, Initrd: *initrd, Cmdline: *cmdline, NICs: nics, Start: &start})
+			Kernel: *kernel, Initrd: *initrd, Cmdline: *cmdline, NICs: nics, Start: &start, ServedMemory: *served})
 		return a.vmOut(v, err)
 	case "start":
 		v, err := a.c.StartVM(ctx, name)

@@ -2,6 +2,7 @@
 // VMs of this host and serves the scheduler on a unix socket.
 //
 //	hostd [-config /etc/hostd/hostd.toml]
+//	hostd memserve -config FILE    (a VM's memory server; hostd starts these itself)
 package main
 
 import (
@@ -13,6 +14,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"hostd/checkpoint/memserver"
 	"hostd/hostd/config"
 	"hostd/hostd/daemon"
 	"hostd/xen"
@@ -23,6 +25,11 @@ import (
 var version = "dev"
 
 func main() {
+	// Memory servers are this binary too: one executable to install, and a
+	// memory server is always the version of the hostd that started it.
+	if len(os.Args) > 1 && os.Args[1] == "memserve" {
+		os.Exit(memserver.Main(os.Args[2:]))
+	}
 	cfgPath := flag.String("config", "/etc/hostd/hostd.toml", "configuration file (missing: all defaults)")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
