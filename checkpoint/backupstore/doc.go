@@ -7,7 +7,8 @@
 // Per VM, in <root>/<vm id>/:
 //
 //	image          sparse memory image, file offset = guest-physical offset
-//	sums           8 bytes per page: CRC-32C of the committed page + flags
+//	sums           8 bytes per page: CRC-32C of the committed page, flags
+//	               (written, zero) and the epoch that last wrote the page
 //	redo-<e>       the page extents of epoch e, appended as they arrive
 //	state-<e>      the device-state blob of epoch e
 //	manifest-<e>   the commit record of epoch e (binary, checksummed)
@@ -34,4 +35,12 @@
 // fallocates the extent's range of the image first (allocation without
 // changing content): ENOSPC surfaces there, before the commit point, and
 // the previous epoch stays intact.
+//
+// Restores. RestoreMap lists the committed image's non-zero pages with the
+// epoch that last wrote each (so zero pages never leave the backup, and a
+// prefetcher can bring the most recently dirtied first); ReadRestore reads
+// pages with their stored sums and leaves the verdict to the restoring
+// host, which checks each page end to end. Faults read through a handle
+// advised FADV_RANDOM, sweeps through one advised FADV_SEQUENTIAL plus
+// WILLNEED on the range. Neither ever writes.
 package backupstore

@@ -38,7 +38,18 @@ var (
 
 const sumEntry = 8 // bytes per page in sums: u32 crc, u32 flags
 
-const flagWritten = 1
+// Flags of a sums entry. The epoch that last wrote a page lives in the
+// upper 30 bits (a restore serves the most recently dirtied pages first and
+// refuses an image that moved past its restore point); entries written
+// before epochs were recorded carry 0 there (unknown) and no zero flag.
+const (
+	flagWritten = 1
+	flagZero    = 2 // written, and all zeros: a restore need not fetch it
+	tagShift    = 2
+	// MaxTagEpoch is the largest epoch a page's tag records; later epochs
+	// saturate there (about 34 years of one epoch a second).
+	MaxTagEpoch = 1<<30 - 1
+)
 
 // redoBuffer is the write buffer of a redo log: extents are coalesced into
 // large sequential writes.
@@ -123,6 +134,7 @@ type VM struct {
 	// imageMu orders image readers against apply, which rewrites pages.
 	imageMu sync.RWMutex
 	image   *os.File // random-access handle, FADV_RANDOM
+	seq     *os.File // read-only handle for sweeps, FADV_SEQUENTIAL
 	sumsF   *os.File
 	sums    []byte // in-memory copy of sums
 
@@ -265,6 +277,14 @@ func (v *VM) recover(wantSize int64) error {
 	// Lazy restores fault pages in guest order, which is no order at all
 	// for the disk: readahead would only waste bandwidth.
 	if err := unix.Fadvise(int(v.image.Fd()), 0, 0, unix.FADV_RANDOM); err != nil {
+		return fmt.Errorf("fadvise image: %w", err)
+	}
+	// Sweeps (full restores, prefetchers) read long ranges in order: a
+	// handle of their own keeps the random handle's hint for faults.
+	if v.seq, err = os.Open(filepath.Join(v.dir, "image")); err != nil {
+		return err
+	}
+	if err := unix.Fadvise(int(v.seq.Fd()), 0, 0, unix.FADV_SEQUENTIAL); err != nil {
 		return fmt.Errorf("fadvise image: %w", err)
 	}
 	if v.sumsF, err = os.OpenFile(filepath.Join(v.dir, "sums"), os.O_RDWR, 0); err != nil {
@@ -622,10 +642,15 @@ func (v *VM) apply(m *Manifest) error {
 		if _, err := v.image.WriteAt(data, off); err != nil {
 			return fmt.Errorf("apply epoch %d: write image at %d: %w", m.Epoch, off, err)
 		}
+		tag := uint32(min(m.Epoch, MaxTagEpoch)) << tagShift
 		for j, c := range ext.PageCRCs {
 			p := off/PageSize + int64(j)
+			flags := flagWritten | tag
+			if c == zeroPageCRC && isZero(data[j*PageSize:(j+1)*PageSize]) {
+				flags |= flagZero
+			}
 			binary.BigEndian.PutUint32(v.sums[p*sumEntry:], c)
-			binary.BigEndian.PutUint32(v.sums[p*sumEntry+4:], flagWritten)
+			binary.BigEndian.PutUint32(v.sums[p*sumEntry+4:], flags)
 			dirty[p*sumEntry/4096] = true
 		}
 		if i == len(m.Extents)/2 {
@@ -812,6 +837,9 @@ func (v *VM) close() error {
 	var errs []error
 	if v.image != nil {
 		errs = append(errs, v.image.Close())
+	}
+	if v.seq != nil {
+		errs = append(errs, v.seq.Close())
 	}
 	if v.sumsF != nil {
 		errs = append(errs, v.sumsF.Close())
