@@ -1,6 +1,7 @@
 package memserver
 
 import (
+	"context"
 	"time"
 )
 
@@ -120,13 +121,28 @@ type CommitReport struct {
 }
 
 // Control is the memory server's control API as hostd sees it; Client
-// implements it over the control socket.
-//
-//	Status(ctx) (Status, error)
-//	Protect(ctx, Protection) error            // returns once connected; the first copy runs on (Status.State = copying)
-//	Unprotect(ctx) error                      // close the stream; the RAM stays served
-//	SetRate(ctx, bytesPerSec float64) error   // change the bandwidth share
-//	Notice(ctx, deadline time.Time) error     // a termination notice: tighten the cap towards deadline
-//	Sync(ctx) (SyncReport, error)             // flush every dirty page to the backup (VM paused or not)
-//	Commit(ctx, state []byte) (CommitReport, error) // device state + restorable commit, durable on return
-//	Shutdown(ctx) error                       // unmount and exit; only once QEMU has let go of the file
+// implements it over the control socket. Errors the server answers with
+// are *Error (4xx: bad input or wrong state; 5xx: the server or its backup
+// failed); a server that does not answer gives an error wrapping
+// ErrNotRunning.
+type Control interface {
+	Status(ctx context.Context) (Status, error)
+	// Protect returns once connected; the first copy runs on
+	// (Status.State = copying, then protected).
+	Protect(ctx context.Context, p Protection) error
+	// Unprotect closes the stream; the RAM stays served.
+	Unprotect(ctx context.Context) error
+	// SetRate changes the bandwidth share (bytes/s; 0 = unlimited).
+	SetRate(ctx context.Context, bytesPerSec float64) error
+	// Notice records a termination notice: the cap tightens towards
+	// deadline.
+	Notice(ctx context.Context, deadline time.Time) error
+	// Sync flushes every dirty page to the backup (VM paused or not); it
+	// waits for the first copy.
+	Sync(ctx context.Context) (SyncReport, error)
+	// Commit sends the device state and makes a restorable commit,
+	// durable on return.
+	Commit(ctx context.Context, state []byte) (CommitReport, error)
+	// Shutdown unmounts and exits; only once QEMU has let go of the file.
+	Shutdown(ctx context.Context) error
+}
