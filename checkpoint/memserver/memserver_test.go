@@ -183,7 +183,7 @@ func testConfig(t testing.TB, name string, size int64) memserver.Config {
 
 // spawn starts a memory server for cfg through Spawn, as hostd does, and
 // makes sure it is gone (and its mount) when the test ends.
-func spawn(t *testing.T, cfg memserver.Config) *vm {
+func spawn(t testing.TB, cfg memserver.Config) *vm {
 	t.Helper()
 	dir := filepath.Dir(cfg.Socket)
 	cfgFile := filepath.Join(dir, "memserver.json")
@@ -202,7 +202,7 @@ func spawn(t *testing.T, cfg memserver.Config) *vm {
 	return v
 }
 
-func (v *vm) cleanup(t *testing.T) {
+func (v *vm) cleanup(t testing.TB) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := v.c.Shutdown(ctx); err != nil && !errors.Is(err, memserver.ErrNotRunning) {
@@ -225,7 +225,7 @@ func (v *vm) cleanup(t *testing.T) {
 
 func (v *vm) ramPath() string { return filepath.Join(v.cfg.Dir, "ram") }
 
-func (v *vm) status(t *testing.T) memserver.Status {
+func (v *vm) status(t testing.TB) memserver.Status {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -237,7 +237,7 @@ func (v *vm) status(t *testing.T) memserver.Status {
 }
 
 // waitState polls Status until want (bounded).
-func (v *vm) waitState(t *testing.T, want memserver.State, within time.Duration) memserver.Status {
+func (v *vm) waitState(t testing.TB, want memserver.State, within time.Duration) memserver.Status {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for i := 0; ; i++ {
@@ -472,7 +472,11 @@ func TestBackupRestart(t *testing.T) {
 	e := newBackup(t)
 	v := spawn(t, testConfig(t, "vm-b", size))
 	ctx := ctxFor(t, 60*time.Second)
-	if err := v.c.Protect(ctx, e.protection(30*time.Second)); err != nil {
+	// A share well under what the writer dirties keeps the stream busy
+	// when the backup goes.
+	p := e.protection(30 * time.Second)
+	p.Rate = 20e6
+	if err := v.c.Protect(ctx, p); err != nil {
 		t.Fatal(err)
 	}
 	v.waitState(t, memserver.StateProtected, 20*time.Second)
@@ -485,14 +489,15 @@ func TestBackupRestart(t *testing.T) {
 		r, err := memfstest.Run(ctx, memfstest.Spec{Path: v.ramPath(), Size: size, Mode: "passes", Passes: 4})
 		done <- result{r, err}
 	}()
-	time.Sleep(100 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond)
 	addr := e.addr
+	midStream := len(done) == 0
 	e.down()
 	r := <-done
 	if r.err != nil {
 		t.Fatalf("writer with the backup down: %v", r.err)
 	}
-	t.Logf("writer finished with the backup down: %d bytes in %v", r.res.Bytes, r.res.Dirty+r.res.Fsync)
+	t.Logf("writer finished with the backup down: %d bytes in %v (backup stopped while it ran: %v)", r.res.Bytes, r.res.Dirty+r.res.Fsync, midStream)
 	st := v.waitState(t, memserver.StateDegraded, 15*time.Second)
 	t.Logf("degraded: %s", st.Reason)
 	if _, err := memfstest.Run(ctx, memfstest.Spec{Path: v.ramPath(), Size: size, Mode: "scribble", Seed: 5, Count: 2000}); err != nil {

@@ -42,6 +42,9 @@ const (
 	// copyRun is the first copy's unit: one read and one send, under the
 	// sink's lock.
 	copyRun = 1 << 20
+	// statsWait: how long Status waits for the stream's counters before
+	// it answers with the last ones seen.
+	statsWait = 100 * time.Millisecond
 )
 
 // protection is one Protect's stream and the goroutines that keep it
@@ -58,23 +61,28 @@ type protection struct {
 	kick   chan struct{} // the sink saw the stream fail: reconnect now
 	copied chan struct{} // closed once the first copy is committed
 
+	statsMu   sync.Mutex
+	statsCh   chan backupclient.Stats // the outstanding query, if any
+	lastStats backupclient.Stats
+
 	commitMu sync.Mutex // device state + commit go together
 	reconnMu sync.Mutex // one reconnect at a time
 
-	mu           sync.Mutex
-	copyDone     int64
-	copyTotal    int64
-	copyErr      error // the first copy failed for good
-	suspect      error // a probe found the connection dead; Reconnect
-	lastFailure  error // why the last reconnect failed
-	reconnects   int64
-	restorable   uint64
-	lastCommit   time.Time
-	lastState    State
-	lastStreamBW float64
-	lastSent     int64
-	lastActive   time.Time
-	lastProbe    time.Time
+	mu             sync.Mutex
+	copyDone       int64
+	copyTotal      int64
+	copyErr        error // the first copy failed for good
+	suspect        error // a probe found the connection dead; Reconnect
+	lastFailure    error // why the last reconnect failed
+	reconnects     int64
+	restorable     uint64
+	lastCommit     time.Time
+	lastState      State
+	win            commitWindow // since the last periodic commit
+	seenReconnects int64
+	lastSent       int64
+	lastActive     time.Time
+	lastProbe      time.Time
 }
 
 // params derives the flush parameters for a bound.
@@ -211,6 +219,38 @@ func (p *protection) stop() {
 	s.mu.Unlock()
 }
 
+// streamStats returns the stream's counters, or the last ones seen if the
+// stream does not answer within statsWait. Stats takes the stream's lock,
+// which a send blocked on a slow link or a Reconnect resending the owed
+// pages holds for long; Status must answer meanwhile. One query at a time
+// is outstanding.
+func (p *protection) streamStats() backupclient.Stats {
+	p.statsMu.Lock()
+	ch := p.statsCh
+	if ch == nil {
+		ch = make(chan backupclient.Stats, 1)
+		p.statsCh = ch
+		go func() { ch <- p.stream.Stats() }()
+	}
+	p.statsMu.Unlock()
+	t := time.NewTimer(statsWait)
+	defer t.Stop()
+	select {
+	case st := <-ch:
+		p.statsMu.Lock()
+		if p.statsCh == ch {
+			p.statsCh = nil
+		}
+		p.lastStats = st
+		p.statsMu.Unlock()
+		return st
+	case <-t.C:
+		p.statsMu.Lock()
+		defer p.statsMu.Unlock()
+		return p.lastStats
+	}
+}
+
 // wake nudges the supervision loop (non-blocking).
 func (p *protection) wake() {
 	select {
@@ -219,9 +259,11 @@ func (p *protection) wake() {
 	}
 }
 
-// broken reports why the connection is not usable, or nil.
-func (p *protection) broken() error {
-	st := p.stream.Stats()
+// broken reports why the connection is not usable, or nil (as last seen:
+// see streamStats).
+func (p *protection) broken() error { return p.brokenAs(p.streamStats()) }
+
+func (p *protection) brokenAs(st backupclient.Stats) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if st.Broken {
@@ -238,7 +280,9 @@ func (p *protection) broken() error {
 func (p *protection) reconnect(ctx context.Context) error {
 	p.reconnMu.Lock()
 	defer p.reconnMu.Unlock()
-	if p.broken() == nil {
+	// The stream's own word, waiting for it if need be: a needless
+	// Reconnect would resend every unacknowledged page.
+	if p.brokenAs(p.stream.Stats()) == nil {
 		return nil
 	}
 	t0 := time.Now()
@@ -251,6 +295,7 @@ func (p *protection) reconnect(ctx context.Context) error {
 	}
 	p.suspect, p.lastFailure = nil, nil
 	p.reconnects++
+	p.srv.sink.up()
 	p.srv.log.Info("backup reconnected", "took", time.Since(t0), "reconnects", p.reconnects)
 	return nil
 }
@@ -335,8 +380,10 @@ func (p *protection) firstCopy(full bool) {
 		}
 	}
 	close(p.copied)
+	sent := p.streamStats().BytesSent
 	p.mu.Lock()
 	done := p.copyDone
+	p.win = commitWindow{t0: time.Now(), sent0: sent}
 	p.mu.Unlock()
 	s.log.Info("first copy done", "bytes", done, "took", time.Since(t0))
 	p.wake()
@@ -552,25 +599,43 @@ func (p *protection) supervise() {
 	}
 }
 
-// observeBandwidth feeds the controller. Two measurements: the stream's
-// (bytes over time to a durable ack, per commit of at least 1 MiB), and
-// the sink's (bytes over the time spent sending, in an interval where it
-// was sending most of the time, so the link and not the guest was the
-// limit). Without periodic commits only the second exists. With a rate
-// set, the bandwidth the VM may use is at most that.
+// observeBandwidth feeds the controller with what the link can carry.
+//
+// The sink's figure: bytes over the time spent sending them, in an
+// interval where it was sending at least half the time, so that the link
+// and not the guest was the limit (memfs's queue backlogged). Without
+// periodic commits it is the only one.
+//
+// The commit window's figure (periodic commits only): bytes from one
+// commit's ack to the next, the backup's fsync included, again only if the
+// sink was backlogged over the window. The stream's own Bandwidth() is not
+// used: it averages every epoch of 1 MiB or more, and an epoch in which
+// the guest dirtied little measures the guest, not the link; fed to the
+// controller (which follows drops at once) it would throttle the guest
+// for nothing.
+//
+// With a share set, the VM may use at most that.
 func (p *protection) observeBandwidth(now time.Time) {
 	s := p.srv
 	bytes, busy, wall := s.sink.take()
+	p.mu.Lock()
+	p.win.busy += busy
+	p.win.wall += wall
+	// A reconnect holds the stream while it resends: the sink's waits
+	// for it measure the outage, not the link.
+	disturbed := p.reconnects != p.seenReconnects
+	p.seenReconnects = p.reconnects
+	p.mu.Unlock()
 	var sample float64
-	if wall > 0 && busy >= wall/2 && bytes >= 256<<10 {
+	if !disturbed && p.broken() == nil && wall > 0 && busy >= wall/2 && bytes >= 256<<10 {
 		sample = float64(bytes) / busy.Seconds()
 	}
-	if bw := p.stream.Bandwidth(); bw > 0 && bw != p.lastStreamBW {
-		// A fresh durable figure (it includes the backup's own writes)
-		// is better informed than one interval's send rate.
-		p.lastStreamBW = bw
-		sample = bw
-	}
+	p.feed(now, sample)
+}
+
+// feed gives the controller a sample (0: none), clipped to the share.
+func (p *protection) feed(now time.Time, sample float64) {
+	s := p.srv
 	s.mu.Lock()
 	limit := s.rate
 	s.mu.Unlock()
@@ -588,6 +653,13 @@ func (p *protection) observeBandwidth(now time.Time) {
 			s.log.Warn("apply dirty cap", "err", err)
 		}
 	}
+}
+
+// commitWindow measures the window that a periodic commit closed.
+type commitWindow struct {
+	t0         time.Time
+	sent0      int64
+	busy, wall time.Duration
 }
 
 // periodicCommit commits a non-restorable epoch every CommitInterval, once
@@ -610,9 +682,21 @@ func (p *protection) periodicCommit(now time.Time) {
 	p.commitMu.Unlock()
 	ctx, cancel := context.WithTimeout(p.ctx, max(30*time.Second, p.p.Bound))
 	defer cancel()
-	if _, err := p.commit(ctx, false, nil); err != nil && p.ctx.Err() == nil {
-		p.srv.log.Warn("periodic commit failed", "err", err)
-		p.wake()
+	if _, err := p.commit(ctx, false, nil); err != nil {
+		if p.ctx.Err() == nil {
+			p.srv.log.Warn("periodic commit failed", "err", err)
+			p.wake()
+		}
+		return
+	}
+	end := time.Now()
+	sent := p.streamStats().BytesSent
+	p.mu.Lock()
+	w := p.win
+	p.win = commitWindow{t0: end, sent0: sent}
+	p.mu.Unlock()
+	if !w.t0.IsZero() && w.busy >= w.wall/2 && sent-w.sent0 >= 1<<20 {
+		p.feed(end, float64(sent-w.sent0)/end.Sub(w.t0).Seconds())
 	}
 }
 
@@ -621,7 +705,7 @@ func (p *protection) periodicCommit(now time.Time) {
 // sends nothing, so without this a dead backup would look healthy. Only
 // once something is committed: there is nothing to read before.
 func (p *protection) probe(now time.Time) {
-	st := p.stream.Stats()
+	st := p.streamStats()
 	p.mu.Lock()
 	if st.BytesSent != p.lastSent {
 		p.lastSent, p.lastActive = st.BytesSent, now
@@ -663,8 +747,8 @@ func (p *protection) noteState(now time.Time) {
 // fill completes a Status with the protection's figures and state.
 func (p *protection) fill(now time.Time, st *Status) {
 	s := p.srv
-	ss := p.stream.Stats()
-	why := p.broken()
+	ss := p.streamStats()
+	why := p.brokenAs(ss)
 	unflushed := s.unflushed()
 	if why != nil {
 		// Pages the broken connection owes are as unflushed as dirty ones.

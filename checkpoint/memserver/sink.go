@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -29,6 +30,10 @@ type sink struct {
 	broken func()               // tells the protection its stream failed
 
 	lim *rate.Limiter // unlimited (rate.Inf) unless a share is set
+	// down: the stream is broken. Sends then only record the pages as
+	// owed, so they skip the limiter: the guest runs on at full speed
+	// while the backup is away, and Reconnect resends.
+	down atomic.Bool
 
 	statMu sync.Mutex
 	bytes  int64         // forwarded since the last take
@@ -73,7 +78,11 @@ func (s *sink) attach(ctx context.Context, stream *backupclient.Stream, broken f
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.stream, s.ctx, s.broken = stream, ctx, broken
+	s.down.Store(false)
 }
+
+// up says the stream works again (after a Reconnect).
+func (s *sink) up() { s.down.Store(false) }
 
 // detach goes back to discarding. Cancel the attach context first, or a
 // delivery waiting on a slow link or a small rate holds mu for long.
@@ -119,6 +128,7 @@ func (s *sink) Flush(context.Context) error {
 // tells it so).
 func (s *sink) absorbLocked(err error) bool {
 	if errors.Is(err, backupclient.ErrBroken) || errors.Is(err, backupclient.ErrClosed) || s.ctx.Err() != nil {
+		s.down.Store(true)
 		if s.broken != nil {
 			s.broken()
 		}
@@ -131,7 +141,7 @@ func (s *sink) absorbLocked(err error) bool {
 // measurement. Called with mu held and a stream attached.
 func (s *sink) sendLocked(off int64, data []byte) error {
 	t0 := time.Now()
-	for rest := len(data); rest > 0; {
+	for rest := len(data); rest > 0 && !s.down.Load(); {
 		n := min(rest, minBurst) // never above the burst, whatever SetRate does meanwhile
 		if err := s.lim.WaitN(s.ctx, n); err != nil {
 			return err
