@@ -422,11 +422,13 @@ func TestSetRate(t *testing.T) {
 	ctx := ctxFor(t, 60*time.Second)
 	p := e.protection(30 * time.Second)
 	p.Rate = 8e6
+	p.CommitInterval = 300 * time.Millisecond
 	if err := v.c.Protect(ctx, p); err != nil {
 		t.Fatal(err)
 	}
-	if st := v.waitState(t, memserver.StateProtected, 20*time.Second); st.Rate != 8e6 {
-		t.Fatalf("rate in status: %v", st.Rate)
+	st0 := v.waitState(t, memserver.StateProtected, 20*time.Second)
+	if st0.Rate != 8e6 {
+		t.Fatalf("rate in status: %v", st0.Rate)
 	}
 	run := func(pass int) float64 {
 		t.Helper()
@@ -452,6 +454,15 @@ func TestSetRate(t *testing.T) {
 		t.Fatalf("rate after SetRate(4e6): %v", st.Rate)
 	}
 	t.Logf("writer through the stream: %.1f MB/s at a share of 8 MB/s, %.1f MB/s unlimited; controller's bandwidth now %.1f MB/s, cap %d", limited/1e6, unlimited/1e6, st.Bandwidth/1e6, st.Cap)
+	// The periodic commits seal epochs on their own.
+	for i := 0; st.AckedEpoch <= st0.AckedEpoch; i++ {
+		if i == 100 {
+			t.Fatalf("no periodic commit: acked epoch %d, was %d", st.AckedEpoch, st0.AckedEpoch)
+		}
+		time.Sleep(50 * time.Millisecond)
+		st = v.status(t)
+	}
+	t.Logf("periodic commits: acked epoch %d after %d", st.AckedEpoch, st0.AckedEpoch)
 	if _, err := v.c.Sync(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -519,6 +530,25 @@ func TestBackupRestart(t *testing.T) {
 	ram := v.readRAM(t)
 	e.down()
 	e.checkImage(t, "vm-b", ram, "after restart")
+}
+
+// TestIdleBackupLoss: a backup that goes away while the guest writes
+// nothing is noticed all the same (the idle connection is probed).
+func TestIdleBackupLoss(t *testing.T) {
+	needRoot(t)
+	e := newBackup(t)
+	v := spawn(t, testConfig(t, "vm-idle", 8<<20))
+	ctx := ctxFor(t, 60*time.Second)
+	if err := v.c.Protect(ctx, e.protection(30*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	v.waitState(t, memserver.StateProtected, 20*time.Second)
+	addr := e.addr
+	e.down()
+	st := v.waitState(t, memserver.StateDegraded, 15*time.Second)
+	t.Logf("idle guest, backup gone: %s", st.Reason)
+	e.start(t, addr)
+	v.waitState(t, memserver.StateProtected, 20*time.Second)
 }
 
 // TestBadInputs: each is refused with a clear 4xx (or 502 for an
