@@ -23,6 +23,8 @@ type Server struct {
 	log   *slog.Logger
 	hsTO  time.Duration
 	max   uint64
+	fair  *fairShare
+	quant int
 
 	mu       sync.Mutex
 	sessions map[string]*session // by VM id
@@ -37,6 +39,13 @@ type Options struct {
 	// MaxImageSize bounds the guest RAM a peer may announce; the store
 	// sizes its checksum table from it. Default 1 TiB.
 	MaxImageSize uint64
+	// RestoreReaders is how many image reads restore sessions may have
+	// in flight together, handed out in turn (fair shares); default 2.
+	RestoreReaders int
+	// RestoreQuantum is the size of one turn: restore reads are cut into
+	// pieces of at most this many bytes (a multiple of 4096); default
+	// 256 KiB.
+	RestoreQuantum int
 }
 
 // New makes a server. tlsConf must require and verify client certificates
@@ -57,7 +66,19 @@ func New(store *backupstore.Store, tlsConf *tls.Config, opts Options) (*Server, 
 	if maxImg == 0 {
 		maxImg = 1 << 40
 	}
-	return &Server{store: store, tls: tlsConf, log: l.With("component", "backup"), hsTO: to, max: maxImg, sessions: map[string]*session{}}, nil
+	readers := opts.RestoreReaders
+	if readers <= 0 {
+		readers = 2
+	}
+	quant := opts.RestoreQuantum
+	if quant <= 0 {
+		quant = 256 << 10
+	}
+	if quant%wire.PageSize != 0 {
+		return nil, fmt.Errorf("new backup server: restore quantum %d not a multiple of %d", quant, wire.PageSize)
+	}
+	return &Server{store: store, tls: tlsConf, log: l.With("component", "backup"), hsTO: to, max: maxImg,
+		fair: newFairShare(readers), quant: quant, sessions: map[string]*session{}}, nil
 }
 
 // Serve accepts connections on ln until ctx ends, then closes ln and every
@@ -118,6 +139,11 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 	if err != nil {
 		log.Warn("rejected peer: reading hello", "err", err)
 		s.sendError(w, codeOf(err), "read hello: "+err.Error())
+		return
+	}
+	if rh, ok := m.(*wire.RestoreHello); ok {
+		conn.SetReadDeadline(time.Time{})
+		s.serveRestore(ctx, log, conn, rh, r, w)
 		return
 	}
 	hello, ok := m.(*wire.Hello)

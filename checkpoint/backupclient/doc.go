@@ -9,4 +9,9 @@
 // the VM's RAM file (Config.Source), which holds the newest version of
 // every page. Sending a newer version than the one lost is correct: the
 // backup only has to hold, at the final commit, what the paused guest has.
+//
+// A RestoreConn is the other direction: a read-only restore session
+// (DialRestore) that fetches a restore point's page map, device state and
+// pages with their stored sums, pipelined. It does not reconnect or judge
+// pages; package restore does both.
 package backupclient

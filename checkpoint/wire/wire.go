@@ -818,6 +818,10 @@ func (r *Reader) Read() (Message, error) {
 	return Decode(body)
 }
 
+// Buffered is the number of received bytes not yet decoded: a server
+// answering pipelined requests may hold its flush while more are waiting.
+func (r *Reader) Buffered() int { return r.r.Buffered() }
+
 // Writer writes frames to a buffered stream; Flush pushes them out.
 type Writer struct {
 	w   *bufio.Writer
