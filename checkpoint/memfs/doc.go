@@ -32,6 +32,11 @@
 // restore. If locking fails, a read of an evicted written page is refused
 // with EIO (logged) rather than answered with stale data.
 //
+// Prefetch during a lazy restore uses Preload, not notify-store: the kernel
+// reads in only pages it does not hold, so a page the guest has written can
+// never be rolled back (preload.go says why a guarded notify-store cannot
+// promise that).
+//
 // The guest must be another process: a Go process that faults on pages of
 // a FUSE file it serves itself deadlocks (a thread stuck in a page fault
 // cannot stop for the garbage collector, and the FUSE server goroutines

@@ -111,9 +111,14 @@ type FS struct {
 	delivered uint64
 	sinkErr   error // first sink error since the last barrier
 	written   *pageset.Set
-	stats     Stats
-	capBytes  int64
-	closed    bool
+	// served holds the pages a READ was answered for (marked before the
+	// Source is asked): the kernel may hold them, and with the guest's
+	// stores since, so nothing may push an older copy over them.
+	served   *pageset.Set
+	preloadF *os.File // read handle for Preload, FADV_RANDOM; nil until used
+	stats    Stats
+	capBytes int64
+	closed   bool
 }
 
 type item struct {
@@ -136,6 +141,8 @@ type Stats struct {
 	Barriers       int64
 	PinnedBytes    int64 // written pages locked in the page cache
 	PinFailures    int64
+	PreloadedBytes int64 // pages Preload had the kernel read in
+	PreloadSkipped int64 // pages Preload left alone: already served or written
 }
 
 // Mount mounts a new memfs on dir (which must exist) and serves it until
@@ -183,6 +190,7 @@ func Mount(ctx context.Context, dir string, opts Options) (*FS, error) {
 		items:         make(chan item, opts.QueueBytes/PageSize),
 		workEnd:       make(chan struct{}),
 		written:       pageset.New(opts.Size / PageSize),
+		served:        pageset.New(opts.Size / PageSize),
 	}
 	fs.cond = sync.NewCond(&fs.mu)
 	var extra uint64
@@ -360,7 +368,12 @@ func (fs *FS) Unmount() error {
 	fs.mu.Lock()
 	pin := fs.pin
 	fs.pin = nil
+	pf := fs.preloadF
+	fs.preloadF = nil
 	fs.mu.Unlock()
+	if pf != nil {
+		pf.Close()
+	}
 	if pin != nil {
 		// A syscall, so safe for this process: unmapping writes back
 		// through our own FUSE server, which is still running.
@@ -722,6 +735,7 @@ func (fs *FS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.Re
 	}
 	fs.stats.Reads++
 	fs.stats.BytesRead += end - first
+	fs.served.AddRange(first/PageSize, (end-first)/PageSize)
 	fs.mu.Unlock()
 	var pb []byte
 	if first == off && end-first <= int64(len(buf)) {
@@ -758,8 +772,10 @@ func (fs *FS) Fallocate(<-chan struct{}, *fuse.FallocateIn) fuse.Status {
 	return fuse.Status(syscall.EOPNOTSUPP)
 }
 
-// Store pushes pages into the kernel's page cache ahead of the guest
-// (prefetch during a lazy restore), so its first touch does not fault.
+// Store pushes pages into the kernel's page cache ahead of the guest, so
+// its first touch does not fault. It overwrites whatever the cache holds
+// (FUSE notify-store does), so it is only safe before the guest runs: once
+// it does, use Preload, which can never roll a page back.
 func (fs *FS) Store(off int64, data []byte) error {
 	if off%PageSize != 0 || off < 0 || off+int64(len(data)) > fs.opts.Size {
 		return fmt.Errorf("memfs store %d bytes at %d: outside file or unaligned", len(data), off)

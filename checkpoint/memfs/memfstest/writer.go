@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"hash/crc32"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -25,7 +26,12 @@ type Spec struct {
 	// the first Span bytes (default all) then fsyncs; "passes" stores one
 	// byte into every page, Passes times over the whole file, then fsyncs;
 	// "fill" writes every byte of every page, Passes times; "read" reads
-	// the first 16 bytes of each page in Pages.
+	// the first 16 bytes of each page in Pages; "hash" reads each page in
+	// Pages (all pages if none) through the mapping and reports its
+	// CRC-32C in Sums; "pread" does the same with pread(2) instead of the
+	// mapping and reports each page's error in Errors (so a refused page
+	// is an EIO there, not a SIGBUS); "stamp" fills each page in Pages
+	// with the byte Seed through the mapping.
 	Mode   string
 	Span   int64
 	Seed   uint64
@@ -47,6 +53,9 @@ type Result struct {
 	Fsync time.Duration // the final fsync (the flush barrier)
 	Bytes int64         // bytes of pages dirtied (pages x passes x 4096)
 	Heads []string      // "read" mode: first bytes of each page, hex
+	Sums  []uint32      // "hash" and "pread": CRC-32C of each page
+	// Errors is "pread"'s error per page ("" for none).
+	Errors []string
 	// UnflushedAtSync is the BDI's dirty + writeback bytes when the final
 	// fsync began (-1 if not observed).
 	UnflushedAtSync int64
@@ -147,6 +156,38 @@ func run(spec Spec) (res Result) {
 		for _, p := range spec.Pages {
 			res.Heads = append(res.Heads, fmt.Sprintf("%x", m[p*4096:p*4096+16]))
 		}
+	case "hash":
+		pages := spec.Pages
+		if len(pages) == 0 {
+			for p := int64(0); p < spec.Size/4096; p++ {
+				pages = append(pages, p)
+			}
+		}
+		tab := crc32.MakeTable(crc32.Castagnoli)
+		for _, p := range pages {
+			res.Sums = append(res.Sums, crc32.Checksum(m[p*4096:(p+1)*4096], tab))
+		}
+	case "pread":
+		tab := crc32.MakeTable(crc32.Castagnoli)
+		b := make([]byte, 4096)
+		for _, p := range spec.Pages {
+			var msg string
+			var sum uint32
+			if _, err := f.ReadAt(b, p*4096); err != nil {
+				msg = err.Error()
+			} else {
+				sum = crc32.Checksum(b, tab)
+			}
+			res.Sums = append(res.Sums, sum)
+			res.Errors = append(res.Errors, msg)
+		}
+	case "stamp":
+		for _, p := range spec.Pages {
+			for i := p * 4096; i < (p+1)*4096; i++ {
+				m[i] = byte(spec.Seed)
+			}
+		}
+		res.Bytes = int64(len(spec.Pages)) * 4096
 	default:
 		res.Error = "unknown mode " + spec.Mode
 		return
