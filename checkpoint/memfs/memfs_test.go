@@ -165,6 +165,7 @@ func (p *patternSource) ReadPages(_ context.Context, off int64, b []byte) error 
 	p.mu.Lock()
 	p.reads++
 	p.mu.Unlock()
+	clear(b) // memfs may hand over a reused buffer
 	for i := 0; i < len(b); i += PageSize {
 		copy(b[i:], strconv.FormatInt((off+int64(i))/PageSize, 10)+"|")
 	}

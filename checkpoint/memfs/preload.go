@@ -128,3 +128,11 @@ func (fs *FS) Touched(p int64) bool {
 	defer fs.mu.Unlock()
 	return fs.served.Has(p) || fs.written.Has(p)
 }
+
+// HasWritten reports whether memfs has taken a write of page p: the guest's
+// own content, pinned in the page cache, that no Source holds.
+func (fs *FS) HasWritten(p int64) bool {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	return fs.written.Has(p)
+}
