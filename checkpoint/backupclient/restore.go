@@ -28,7 +28,13 @@ type RestoreConfig struct {
 	ImageSize int64
 	// DialTimeout bounds connect + handshake + welcome + map; default 10 s.
 	DialTimeout time.Duration
-	Logger      *slog.Logger
+	// StallTimeout breaks the connection when requests are outstanding and
+	// no complete answer has arrived for this long (a dead or cut-off
+	// backup); 0: never. It bounds one answer, not a queue of them, so it
+	// holds however many requests are pipelined; the slowest link it
+	// tolerates is the largest answer over StallTimeout.
+	StallTimeout time.Duration
+	Logger       *slog.Logger
 }
 
 // RestoreInfo is what the backup announced for the restore.
@@ -215,6 +221,22 @@ func (rc *RestoreConn) read(r *wire.Reader) {
 			rc.fail(err)
 			return
 		}
+		rc.mu.Lock()
+		rc.armLocked()
+		rc.mu.Unlock()
+	}
+}
+
+// armLocked sets the stall deadline for the next answer: from now while
+// requests are outstanding, none while idle.
+func (rc *RestoreConn) armLocked() {
+	if rc.cfg.StallTimeout <= 0 {
+		return
+	}
+	if len(rc.pending) > 0 {
+		rc.conn.SetReadDeadline(time.Now().Add(rc.cfg.StallTimeout))
+	} else {
+		rc.conn.SetReadDeadline(time.Time{})
 	}
 }
 
@@ -284,6 +306,9 @@ func (rc *RestoreConn) do(ctx context.Context, req *restoreReq, f func(id uint64
 	rc.nextID++
 	req.id = rc.nextID
 	rc.pending = append(rc.pending, req)
+	if len(rc.pending) == 1 {
+		rc.armLocked()
+	}
 	rc.mu.Unlock()
 	// A write blocked on a backup that stopped reading ends with ctx; the
 	// frame may be cut, so the connection is done for.

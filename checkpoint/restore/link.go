@@ -110,23 +110,22 @@ func permanent(err error) bool {
 }
 
 // fetch reads pages at off with their stored sums over l, retrying through
-// outages with exponential backoff (each attempt bounded, the whole
-// unbounded while ctx lives).
+// outages with exponential backoff: each attempt is bounded (a dial by
+// AttemptTimeout, an answer by the connection's stall timeout), the whole
+// is unbounded while ctx lives.
 func (r *Restorer) fetch(ctx context.Context, l *link, off int64, p []byte, sums []wire.PageSum, sequential bool) error {
 	backoff := 50 * time.Millisecond
 	for {
 		c, err := l.get(ctx)
 		if err == nil {
-			actx, cancel := context.WithTimeout(ctx, r.cfg.AttemptTimeout)
-			err = c.FetchPages(actx, off, p, sums, sequential)
-			cancel()
+			// A dead backup shows as a stall of the connection
+			// (StallTimeout), which breaks it and fails this fetch.
+			err = c.FetchPages(ctx, off, p, sums, sequential)
 			if err == nil {
 				r.reachable()
 				return nil
 			}
 			if ctx.Err() == nil {
-				// A broken or stuck connection: its answers can no
-				// longer be trusted to come.
 				l.drop(c)
 			}
 		}

@@ -79,7 +79,10 @@ type Config struct {
 	PrefetchChunk  int64         // bytes per prefetch step; 1 MiB
 	FullChunk      int64         // bytes per Full step; 4 MiB (wire.MaxData)
 	PrefetchDepth  int           // prefetch/Full steps in flight; 4
-	AttemptTimeout time.Duration // one connect or one fetch; 10 s
+	// AttemptTimeout bounds one connect, and the wait for one answer while
+	// fetches are outstanding (so a prefetch chunk must arrive at
+	// PrefetchChunk/AttemptTimeout bytes/s or better); 10 s.
+	AttemptTimeout time.Duration
 	MaxBackoff     time.Duration // longest wait between attempts; 2 s
 }
 
@@ -234,7 +237,7 @@ func setDefaults(c *Config) {
 
 func (r *Restorer) dialConfig(epoch uint64, resume bool) backupclient.RestoreConfig {
 	return backupclient.RestoreConfig{Addr: r.cfg.Backup, TLS: r.cfg.TLS, VMID: r.cfg.ID, Epoch: epoch, Resume: resume,
-		ImageSize: r.cfg.Size, DialTimeout: r.cfg.AttemptTimeout, Logger: r.cfg.Logger}
+		ImageSize: r.cfg.Size, DialTimeout: r.cfg.AttemptTimeout, StallTimeout: r.cfg.AttemptTimeout, Logger: r.cfg.Logger}
 }
 
 // State is the restore point's device state (for QEMU's migrate-incoming).

@@ -535,3 +535,43 @@ func TestOpenRefusals(t *testing.T) {
 		t.Fatal("opened with the backup dead")
 	}
 }
+
+// TestBackupFrozen: a backup that stops answering without closing its
+// connections (SIGSTOP) is a stall: each attempt gives up after its
+// timeout, the outage is reported, and the guest continues with correct
+// data once the backup runs again.
+func TestBackupFrozen(t *testing.T) {
+	needRoot(t)
+	b := startBackup(t)
+	want := checkpoint(t, b, "vm1")
+	ev := &events{}
+	r := open(t, b, "vm1", ev, func(c *restore.Config) { c.AttemptTimeout = time.Second })
+	fs := mountRestored(t, r)
+	b.cmd.Process.Signal(syscall.SIGSTOP)
+	defer b.cmd.Process.Signal(syscall.SIGCONT) // before the cleanup's kill
+	pages := []int64{0, 1000, 2000, 3000}
+	done := make(chan error, 1)
+	var res memfstest.Result
+	go func() {
+		var err error
+		res, err = memfstest.Run(context.Background(), memfstest.Spec{Path: fs.Path(), Size: imgSize, Mode: "hash", Pages: pages, NoSync: true})
+		done <- err
+	}()
+	if !waitFor(30*time.Second, func() bool { return ev.count(restore.EventUnreachable) > 0 }) {
+		t.Fatal("a frozen backup was never reported unreachable")
+	}
+	b.cmd.Process.Signal(syscall.SIGCONT)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("guest still waiting a minute after the backup resumed")
+	}
+	checkHash(t, "after the freeze", want, pages, res)
+	if !waitFor(10*time.Second, func() bool { return ev.count(restore.EventBack) == 1 }) {
+		t.Fatalf("events %+v", ev.all)
+	}
+	t.Logf("status %+v", r.Status())
+}
