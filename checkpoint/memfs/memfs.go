@@ -67,6 +67,11 @@ type Options struct {
 	NoWritebackCache bool
 	// DirtyCap is the initial cap (see SetDirtyCap); default 64 MiB.
 	DirtyCap int64
+	// ReadAhead bounds the kernel's read-ahead and a page fault's
+	// read-around on the file (one READ per fault brings this much);
+	// default 128 KiB, the kernel's most. A lazy restore may want less:
+	// each fault then waits for fewer bytes from the backup.
+	ReadAhead int
 	Logger   *slog.Logger
 }
 
@@ -173,6 +178,12 @@ func Mount(ctx context.Context, dir string, opts Options) (*FS, error) {
 	if opts.DirtyCap == 0 {
 		opts.DirtyCap = 64 << 20
 	}
+	if opts.ReadAhead == 0 {
+		opts.ReadAhead = 128 << 10
+	}
+	if opts.ReadAhead < PageSize || opts.ReadAhead%PageSize != 0 {
+		return nil, fmt.Errorf("%s: read-ahead %d not a positive multiple of %d", op, opts.ReadAhead, PageSize)
+	}
 	l := opts.Logger
 	if l == nil {
 		l = slog.Default()
@@ -204,7 +215,7 @@ func Mount(ctx context.Context, dir string, opts Options) (*FS, error) {
 		AllowOther:        true, // QEMU may run as another user
 		Options:           []string{"default_permissions"},
 		MaxWrite:          opts.MaxWrite,
-		MaxReadAhead:      128 << 10,
+		MaxReadAhead:      opts.ReadAhead,
 		MaxBackground:     64,
 		ExtraCapabilities: extra,
 		// The data of the file changes only through the kernel, so its

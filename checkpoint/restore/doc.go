@@ -14,12 +14,16 @@
 // is in the cache file (fsynced), the VM no longer depends on the backup
 // (written pages are pinned in the page cache by memfs).
 //
-// Faults fetch a 64 KiB-aligned chunk around the faulting range over a
-// connection of their own; the prefetcher and Full sweep in larger chunks
-// over another (the backup gives both fair turns on its disk), most
-// recently dirtied pages first, at a configurable rate, and have the
-// kernel read each brought chunk into the page cache with memfs.Preload,
-// which never replaces a page the guest already has.
+// Faults fetch just the pages the kernel's READ asks for, over a
+// connection of their own, so a fault waits for one round trip and its own
+// bytes (optionally the aligned chunk around it follows in the background:
+// Config.FaultChunk); the mount's read-ahead sets how much a fault reads
+// (memfs.Options.ReadAhead: one page is best for a lazy restore). The
+// prefetcher and Full sweep in large chunks over another connection (the
+// backup gives both fair turns on its disk), most recently dirtied pages
+// first, at a configurable rate, and have the kernel read each brought
+// chunk into the page cache with memfs.Preload, which never replaces a
+// page the guest already has.
 //
 // Safety. Each page is checked against the CRC the backup stored when the
 // host sent it: a mismatch is a damaged copy at the backup (the frame's own

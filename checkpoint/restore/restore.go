@@ -75,10 +75,16 @@ type Config struct {
 	OnEvent func(Event)
 
 	// Tuning; zero values take the defaults.
-	FaultChunk     int64         // bytes around a fault fetched at once, aligned; 64 KiB
-	PrefetchChunk  int64         // bytes per prefetch step; 1 MiB
-	FullChunk      int64         // bytes per Full step; 4 MiB (wire.MaxData)
-	PrefetchDepth  int           // prefetch/Full steps in flight; 4
+	// FaultChunk: a fault fetches its own pages and, without waiting for
+	// them, the rest of the aligned FaultChunk around them; default one
+	// page (off). Measured here (checkpoint/bench): 64 KiB around raised a
+	// page fault's median from about 80 to 150-190 us on 2 busy cores, a
+	// gain only when the guest touches neighbours before the prefetcher
+	// brings them.
+	FaultChunk    int64
+	PrefetchChunk int64 // bytes per prefetch step; 1 MiB
+	FullChunk     int64 // bytes per Full step; 4 MiB (wire.MaxData)
+	PrefetchDepth int   // prefetch/Full steps in flight; 4
 	// AttemptTimeout bounds one connect, and the wait for one answer while
 	// fetches are outstanding (so a prefetch chunk must arrive at
 	// PrefetchChunk/AttemptTimeout bytes/s or better); 10 s.
@@ -132,6 +138,11 @@ type Restorer struct {
 	state []byte
 	cache *os.File
 	t0    time.Time
+	// ctx ends at Close: background fetches (the chunk around a fault)
+	// live within it.
+	ctx    context.Context
+	cancel context.CancelFunc
+	bg     sync.WaitGroup
 
 	nonzero *pageset.Set // pages the restore must bring
 	total   int64        // pages in nonzero
@@ -176,15 +187,18 @@ func Open(ctx context.Context, cfg Config) (*Restorer, error) {
 	if l == nil {
 		l = slog.Default()
 	}
-	r := &Restorer{cfg: cfg, log: l.With("component", "restore", "vm", cfg.ID), t0: time.Now(),
+	rctx, rcancel := context.WithCancel(context.WithoutCancel(ctx))
+	r := &Restorer{cfg: cfg, log: l.With("component", "restore", "vm", cfg.ID), t0: time.Now(), ctx: rctx, cancel: rcancel,
 		bad: map[int64]error{}, inflight: map[int64]*flight{}, preloads: map[step]int{}, residentCh: make(chan struct{})}
 	c, err := backupclient.DialRestore(ctx, r.dialConfig(cfg.Epoch, false))
 	if err != nil {
+		rcancel()
 		return nil, fmt.Errorf("restore: %w", err) // says what and where already
 	}
 	info := c.Info()
 	r.epoch = info.Epoch
 	if r.state, err = c.FetchState(ctx); err != nil {
+		rcancel()
 		c.Close()
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
@@ -195,6 +209,7 @@ func Open(ctx context.Context, cfg Config) (*Restorer, error) {
 		}
 	}
 	if err != nil {
+		rcancel()
 		c.Close()
 		return nil, fmt.Errorf("%s: cache file: %w", op, err)
 	}
@@ -216,7 +231,7 @@ func Open(ctx context.Context, cfg Config) (*Restorer, error) {
 
 func setDefaults(c *Config) {
 	if c.FaultChunk == 0 {
-		c.FaultChunk = 64 << 10
+		c.FaultChunk = pageSize
 	}
 	if c.PrefetchChunk == 0 {
 		c.PrefetchChunk = 1 << 20
@@ -281,8 +296,10 @@ func (r *Restorer) Close() error {
 	}
 	r.closed = true
 	r.mu.Unlock()
+	r.cancel()
 	r.fault.close()
 	r.bulk.close()
+	r.bg.Wait()
 	return r.cache.Close()
 }
 

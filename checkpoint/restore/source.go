@@ -36,9 +36,15 @@ func (r *Restorer) readPages(ctx context.Context, off int64, p []byte) error {
 	first, n := off/pageSize, int64(len(p))/pageSize
 	remote := false
 	for round := 0; ; round++ {
-		mine, waits, err := r.plan(first, n)
+		mine, waits, around, err := r.plan(first, n)
 		if err != nil {
 			return fmt.Errorf("%s: %w", op, err)
+		}
+		for _, f := range around {
+			go func() {
+				defer r.bg.Done()
+				r.bring(r.ctx, r.bulk, f, false, nil)
+			}()
 		}
 		if len(mine) == 0 && len(waits) == 0 {
 			break
@@ -91,20 +97,22 @@ func (r *Restorer) readPages(ctx context.Context, off int64, p []byte) error {
 }
 
 // plan looks at pages [first, first+n): it returns flights this reader
-// must run (its missing pages widened to the aligned fault chunk around
-// them, skipping pages others are fetching), flights of others to wait
-// for, or the error of a refused page.
-func (r *Restorer) plan(first, n int64) (mine, waits []*flight, err error) {
+// must run for its missing pages, flights of others to wait for, and
+// flights for the rest of the aligned fault chunk around them (which the
+// reader starts but does not wait for: the guest's neighbouring pages are
+// likely next, but only its own pages delay it), or the error of a
+// refused page.
+func (r *Restorer) plan(first, n int64) (mine, waits, around []*flight, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	seen := map[*flight]bool{}
-	var want []int64
+	lo, hi := int64(-1), int64(-1)
 	for pg := first; pg < first+n; pg++ {
 		if !r.nonzero.Has(pg) || r.present.Has(pg) {
 			continue
 		}
 		if e := r.bad[pg]; e != nil {
-			return nil, nil, e
+			return nil, nil, nil, e
 		}
 		if f := r.inflight[pg]; f != nil {
 			if !seen[f] {
@@ -113,16 +121,22 @@ func (r *Restorer) plan(first, n int64) (mine, waits []*flight, err error) {
 			}
 			continue
 		}
-		want = append(want, pg)
+		if lo < 0 {
+			lo = pg
+		}
+		hi = pg + 1
 	}
-	if len(want) == 0 {
-		return nil, waits, nil
+	if lo < 0 {
+		return nil, waits, nil, nil
 	}
-	chunk := r.cfg.FaultChunk / pageSize
-	lo := want[0] / chunk * chunk
-	hi := min((want[len(want)-1]/chunk+1)*chunk, r.cfg.Size/pageSize)
 	mine = r.flightsLocked(lo, hi, wire.MaxData/pageSize, nil)
-	return mine, waits, nil
+	chunk := r.cfg.FaultChunk / pageSize
+	clo, chi := lo/chunk*chunk, min((hi+chunk-1)/chunk*chunk, r.cfg.Size/pageSize)
+	if !r.closed {
+		around = append(r.flightsLocked(clo, lo, chunk, nil), r.flightsLocked(hi, chi, chunk, nil)...)
+		r.bg.Add(len(around)) // under mu: Close waits for them
+	}
+	return mine, waits, around, nil
 }
 
 // flightsLocked registers flights for the pages of [lo, hi) that must be

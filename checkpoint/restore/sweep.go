@@ -48,7 +48,7 @@ func steps(runs []wire.Run, chunk int64) []step {
 // independent of the backup. It returns nil then, ctx's error if stopped,
 // or an error wrapping ErrCorrupt or ErrMoved if some pages can never be
 // brought (the others are; the VM stays dependent on nothing but those
-// pages, which read as EIO).
+// pages, which read as EIO). With fs nil it fills the cache file only.
 func (r *Restorer) Run(ctx context.Context, fs *memfs.FS) error {
 	var lim *rate.Limiter
 	if r.cfg.PrefetchRate > 0 {
