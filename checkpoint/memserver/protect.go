@@ -389,24 +389,55 @@ func (p *protection) firstCopy(full bool) {
 	p.wake()
 }
 
-// copyRun sends n pages at first, read from the RAM file under the sink's
-// lock (see sink).
+// copyRun sends n pages at first, read from the RAM file outside the
+// sink's lock but under its watch (see sink): pages a delivery touched
+// while the read ran are not sent.
 func (p *protection) copyRun(first, n int64, buf []byte, full bool) error {
 	s := p.srv
 	off := first * memfs.PageSize
 	s.sink.mu.Lock()
-	defer s.sink.mu.Unlock()
 	if s.sink.stream != p.stream {
+		s.sink.mu.Unlock()
 		return p.ctx.Err() // detached: Unprotect is under way
 	}
+	watch := pageset.New(s.cfg.Size / memfs.PageSize)
+	s.sink.watch = watch
+	s.sink.mu.Unlock()
+
+	var rerr error
 	if full && !anyWritten(s.fs.Written(), first, n) {
 		// Never written back: zeros, and no reason to fault the pages
 		// into the page cache through FUSE just to read them.
 		clear(buf)
 	} else if _, err := s.ram.ReadAt(buf, off); err != nil {
-		return fmt.Errorf("first copy: read %d bytes of the RAM file at %d: %w", len(buf), off, err)
+		rerr = fmt.Errorf("first copy: read %d bytes of the RAM file at %d: %w", len(buf), off, err)
 	}
-	return s.sink.sendLocked(off, buf)
+
+	s.sink.mu.Lock()
+	defer s.sink.mu.Unlock()
+	s.sink.watch = nil
+	if rerr != nil {
+		return rerr
+	}
+	if s.sink.stream != p.stream {
+		return p.ctx.Err()
+	}
+	// Send the untouched stretches.
+	for q := first; q < first+n; {
+		if watch.Has(q) {
+			q++
+			continue
+		}
+		e := q
+		for e < first+n && !watch.Has(e) {
+			e++
+		}
+		if err := s.sink.sendLocked(q*memfs.PageSize, buf[(q-first)*memfs.PageSize:(e-first)*memfs.PageSize]); err != nil {
+			return err
+		}
+		q = e
+	}
+	return nil
 }
 
 func anyWritten(set *pageset.Set, first, n int64) bool {

@@ -11,6 +11,8 @@ import (
 	"golang.org/x/time/rate"
 
 	"hostd/checkpoint/backupclient"
+	"hostd/checkpoint/memfs"
+	"hostd/checkpoint/pageset"
 )
 
 // sink is the memfs Sink for the whole life of the mount. memfs cannot
@@ -19,12 +21,17 @@ import (
 // nothing is lost, only not backed up), while protected it forwards to the
 // protection's stream through the rate limiter.
 //
-// mu is held across every delivery. The first copy holds it across each
-// pread of the RAM file and the send of what it read, so a delivery of
-// the same pages either precedes the read (and the copy sends the newer
-// data after it) or follows the send (and is the newer data itself).
+// mu is held across every delivery. The first copy must not let an older
+// copy of a page overwrite a newer writeback, yet it must not hold mu while
+// it reads the RAM file: the read can wait for the writeback of that very
+// page, whose FUSE WRITE waits for queue space, which only a delivery
+// (which needs mu) frees. So the copy opens a watch, reads without mu, and
+// under mu sends only the pages no delivery touched meanwhile; a touched
+// page was written back after the watch opened and either carries data at
+// least as new as the read, or is dirty again and will be delivered again.
 type sink struct {
 	mu     sync.Mutex
+	watch  *pageset.Set // pages delivered since the first copy's watch opened (nil: none open)
 	stream *backupclient.Stream // nil: discard
 	ctx    context.Context      // the protection's: ends waits and sends at Unprotect
 	broken func()               // tells the protection its stream failed
@@ -102,6 +109,10 @@ func (s *sink) WritePages(_ context.Context, off int64, data []byte) error {
 	defer s.mu.Unlock()
 	if s.stream == nil {
 		return nil
+	}
+	if s.watch != nil {
+		first := off / memfs.PageSize
+		s.watch.AddRange(first, (off+int64(len(data))+memfs.PageSize-1)/memfs.PageSize-first)
 	}
 	err := s.sendLocked(off, data)
 	if err != nil && s.absorbLocked(err) {

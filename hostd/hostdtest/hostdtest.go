@@ -110,8 +110,44 @@ func Start(tb testing.TB, binDir string, o Options) *Daemon {
 		if tb.Failed() {
 			d.dumpLog()
 		}
+		d.killMemoryServers()
 	})
 	return d
+}
+
+// killMemoryServers ends the memory servers this daemon started and left
+// behind (they outlive hostd by design) and detaches their mounts. The
+// domains whose RAM they serve are destroyed first: a memory server killed
+// under a running guest can leave QEMU's vCPU threads waiting forever on a
+// page writeback that will never complete (seen here: unkillable QEMU).
+func (d *Daemon) killMemoryServers() {
+	if names, err := Domains(""); err == nil {
+		for _, n := range names {
+			if xml, err := Virsh("dumpxml", n); err == nil && strings.Contains(xml, d.Config.StateDir+"/") {
+				_, _ = Virsh("destroy", n)
+				_, _ = Virsh("undefine", n)
+			}
+		}
+	}
+	marker := "-config " + filepath.Join(d.Config.StateDir, "vms") + "/"
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(strings.ReplaceAll(string(b), "\x00", " "), marker) {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscanf(p, "/proc/%d/cmdline", &pid); err == nil {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	mounts, _ := os.ReadFile("/proc/self/mounts")
+	for _, line := range strings.Split(string(mounts), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 1 && strings.HasPrefix(f[1], d.Config.StateDir+"/") {
+			_ = syscall.Unmount(f[1], syscall.MNT_DETACH)
+		}
+	}
 }
 
 // ConfigPath is the daemon's configuration file.
@@ -237,6 +273,19 @@ func (d *Daemon) dumpLog() {
 		lines = lines[len(lines)-80:]
 	}
 	d.tb.Logf("hostd log (last %d lines):\n%s", len(lines), strings.Join(lines, "\n"))
+	// Memory servers log beside their VM's files.
+	logs, _ := filepath.Glob(filepath.Join(d.Config.StateDir, "vms", "*", "memserver.log"))
+	for _, p := range logs {
+		data, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		lines := strings.Split(string(data), "\n")
+		if len(lines) > 40 {
+			lines = lines[len(lines)-40:]
+		}
+		d.tb.Logf("%s (last %d lines):\n%s", p, len(lines), strings.Join(lines, "\n"))
+	}
 }
 
 // Virsh runs virsh against the system libvirtd.
