@@ -73,7 +73,18 @@ func (s *Server) restoreSession(ctx context.Context, log *slog.Logger, hello *wi
 	if err != nil {
 		return fmt.Errorf("restore %s: %w", hello.VMID, err)
 	}
-	m, rm, err := vm.RestoreMap(ctx)
+	var m *backupstore.Manifest
+	var rm backupstore.RestoreMap
+	if hello.Resume {
+		// No map to send: the last commit is all that matters.
+		if err = vm.Sync(ctx); err == nil {
+			if m = vm.Committed(); m == nil {
+				err = backupstore.ErrNotFound
+			}
+		}
+	} else {
+		m, rm, err = vm.RestoreMap(ctx)
+	}
 	if errors.Is(err, backupstore.ErrNotFound) {
 		return &protoError{wire.CodeNotFound, fmt.Sprintf("vm %q has no committed epoch", hello.VMID)}
 	}

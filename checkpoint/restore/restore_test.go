@@ -354,10 +354,15 @@ func TestBackupOutageDuringLazyRestore(t *testing.T) {
 	b := startBackup(t)
 	want := checkpoint(t, b, "vm1")
 	ev := &events{}
-	r := open(t, b, "vm1", ev, nil)
+	r := open(t, b, "vm1", ev, func(c *restore.Config) { c.PrefetchRate = 4 << 20 })
 	fs := mountRestored(t, r)
-	// Some pages come while the backup is up.
+	// Some pages come while the backup is up; a slow prefetcher runs
+	// across the outage too.
 	checkHash(t, "before the outage", want, []int64{1, 2, 3}, guest(t, memfstest.Spec{Path: fs.Path(), Size: imgSize, Mode: "hash", Pages: []int64{1, 2, 3}, NoSync: true}))
+	pctx, pcancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer pcancel()
+	prefetched := make(chan error, 1)
+	go func() { prefetched <- r.Run(pctx, fs) }()
 	b.kill()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -389,8 +394,11 @@ func TestBackupOutageDuringLazyRestore(t *testing.T) {
 		t.Fatal(res.err)
 	}
 	checkHash(t, "across the outage", want, pages, res.res)
-	if ev.count(restore.EventBack) != 1 || r.Status().Unreachable {
-		t.Fatalf("events %+v", ev.all)
+	if err := <-prefetched; err != nil {
+		t.Fatalf("prefetch across the outage: %v", err)
+	}
+	if ev.count(restore.EventBack) != 1 || r.Status().Unreachable || !r.Status().FullyResident {
+		t.Fatalf("events %+v status %+v", ev.all, r.Status())
 	}
 	st := r.Status()
 	t.Logf("status %+v", st)
