@@ -328,7 +328,7 @@ func TestTerminationNoticeEvacuates(t *testing.T) {
 		switch e.Type {
 		case "host.termination_notice":
 			sawNotice = true
-			t.Logf("notice event: %v", e.Data)
+			t.Logf("notice event: %s", e.Data)
 		case "vm.evacuated":
 			if !sawNotice || e.VM != name {
 				t.Fatalf("evacuation without a notice first: %+v", e)
@@ -345,4 +345,83 @@ func TestTerminationNoticeEvacuates(t *testing.T) {
 		}
 	}
 	t.Fatal("event stream ended before the evacuation")
+}
+
+// waitProtection polls GET protection until ok says so (bounded).
+func waitProtection(t *testing.T, ctx context.Context, c *client.Client, name, what string, ok func(protect.Status) bool) protect.Status {
+	t.Helper()
+	var st protect.Status
+	var err error
+	for i := 0; i < 600; i++ {
+		st, err = c.Protection(ctx, name)
+		if err == nil && ok(st) {
+			return st
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("protection of %s never became %s: %v %+v", name, what, err, st)
+	return st
+}
+
+// The backup killed while a guest streams: the guest runs on, protection
+// says degraded, and once the backup is back it reconnects, resynchronises
+// and an evacuation leaves the backup equal to guest memory. Then hostd
+// itself is killed with SIGKILL while the guest dirties memory: the guest
+// and its checkpointing run on without it, and the restarted hostd finds
+// the protection where it was.
+func TestProtectionSurvivesKills(t *testing.T) {
+	d, bk := protectedHost(t, 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	c := d.Client
+	name := prefix + "kills"
+	v, ac := servedVM(t, ctx, d, name, 256)
+	protectAndWait(t, ctx, c, name, protect.Request{Backup: bk.Addr, Bound: config.Duration{Duration: 5 * time.Second}})
+	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: "w", SizeMiB: 48, Seed: 11, RateMiBs: 16}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+
+	// Backup killed mid-stream.
+	bk.Kill9()
+	st := waitProtection(t, ctx, c, name, "degraded", func(s protect.Status) bool { return s.State == "degraded" })
+	t.Logf("backup down: %s (%s)", st.State, st.Reason)
+	ops0, err := ac.Ops(ctx, "w")
+	if err != nil {
+		t.Fatalf("guest with its backup down: %v", err)
+	}
+	time.Sleep(time.Second)
+	if ops1, err := ac.Ops(ctx, "w"); err != nil || ops1.PagesTotal <= ops0.PagesTotal {
+		t.Fatalf("the guest stopped dirtying while its backup was down: %v %+v %+v", err, ops0, ops1)
+	}
+	bk.Restart()
+	st = waitProtection(t, ctx, c, name, "protected again", func(s protect.Status) bool { return s.State == "protected" && s.Reconnects > 0 })
+	t.Logf("backup back: %s after %d reconnects, acked epoch %d", st.State, st.Reconnects, st.AckedEpoch)
+
+	// hostd killed mid-flush.
+	acked := st.AckedEpoch
+	d.Kill9()
+	time.Sleep(3 * time.Second)
+	if _, err := ac.Ops(ctx, "w"); err != nil {
+		t.Fatalf("guest after hostd was killed: %v", err)
+	}
+	d.Restart()
+	st = waitProtection(t, ctx, c, name, "protected after the hostd restart", func(s protect.Status) bool {
+		return s.State == "protected" && s.AckedEpoch > acked
+	})
+	t.Logf("after kill -9 of hostd: %s, acked epoch %d (was %d)", st.State, st.AckedEpoch, acked)
+
+	if _, err := ac.Stop(ctx, "w"); err != nil {
+		t.Fatal(err)
+	}
+	rep := evacuate(t, ctx, c, name, protect.EvacuateRequest{})
+	t.Logf("evacuation after the kills: total %.0f ms, epoch %d", rep.TotalMS, rep.Epoch)
+	bk.Stop()
+	compareWithBackup(t, bk, name, v.Spec.RAMPath, 256<<20)
+	if _, err := hostdtest.Virsh("resume", name); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ac.VerifyChecksum(ctx, "w"); err != nil {
+		t.Fatalf("guest memory after the kills: %v", err)
+	}
 }
