@@ -180,9 +180,10 @@ func (s *Server) restoreSession(ctx context.Context, log *slog.Logger, hello *wi
 		default:
 			return &protoError{wire.CodeProtocol, fmt.Sprintf("unexpected %s frame in restore session", msg.Type())}
 		}
-		// Answers go out at once unless more requests are already
-		// waiting (pipelined fetches share a flush).
-		if r.Buffered() == 0 {
+		// Answers go out at once, except a sweep's while more requests
+		// are already waiting (they share a flush); a fault's answer never
+		// waits for the reads queued behind it.
+		if f, ok := msg.(*wire.Fetch); !ok || !f.Sequential || r.Buffered() == 0 {
 			if err := w.Flush(); err != nil {
 				return err
 			}
