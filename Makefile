@@ -11,7 +11,7 @@ export GOFLAGS := -mod=mod -buildvcs=false
 export PATH := /usr/local/go/bin:$(PATH)
 
 .PHONY: all build test demo bench guest lint provision clean \
-	bench-platform bench-checkpoint bench-dataplane pki
+	bench-platform bench-checkpoint bench-restore bench-dataplane bench-swap pki
 
 all: build
 
@@ -38,7 +38,7 @@ lint:
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
 
-bench: bench-platform bench-checkpoint bench-dataplane
+bench: bench-platform bench-checkpoint bench-restore bench-dataplane bench-swap
 
 # Each area's benchmark prints `bench: NAME VALUE UNIT` lines; the full
 # output is kept in build/bench-AREA.log.
@@ -49,9 +49,22 @@ bench-platform: provision guest build
 
 # iperf3 measures throughput, socat is the user-space tunnel compared against.
 # The memory plane: FUSE-served RAM, bounded flushing, the backup path.
-bench-checkpoint: provision
+# Library figures first (checkpoint/bench, the memory server), then real
+# guests through hostd against a backup behind a tc-throttled veth.
+bench-checkpoint: provision guest
 	mkdir -p $(BUILD)
-	$(BENCH) ./checkpoint/bench/ | tee $(BUILD)/bench-checkpoint.log | grep '^bench:'
+	$(BENCH) -bench 'ServedRAM|FinalFlush|BackupPath|Memserver|Protected|Evacuation|VMsPerBackup' \
+		./checkpoint/bench/ ./checkpoint/memserver/ ./hostd/bench/protect/ 2>&1 | tee $(BUILD)/bench-checkpoint.log | grep '^bench:'
+
+# Lazy and full restore: fault service, residency with prefetch.
+bench-restore: provision guest
+	mkdir -p $(BUILD)
+	$(BENCH) -bench Restore ./checkpoint/bench/ 2>&1 | tee $(BUILD)/bench-restore.log | grep '^bench:'
+
+# Cooperative swap: NBD device over page repositories vs a local swap file.
+bench-swap: provision guest
+	mkdir -p $(BUILD)
+	$(BENCH) ./dataplane/swapdev/ 2>&1 | tee $(BUILD)/bench-swap.log | grep '^bench:'
 
 # A test CA with a backup-server and a host certificate (mutual TLS between
 # hosts and the backup role) in build/pki.

@@ -11,7 +11,7 @@ set -euo pipefail
 
 PKGS=(
   # second-layer hypervisor
-  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
   # guest image build (images/guest)
   busybox-static cpio xz-utils zstd
   # memory plane, dataplane, systemd checks
