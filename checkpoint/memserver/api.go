@@ -2,6 +2,8 @@ package memserver
 
 import (
 	"context"
+
+	"hostd/checkpoint/restore"
 	"time"
 )
 
@@ -105,6 +107,12 @@ type Status struct {
 	ResidentTotal int64 `json:"resident_total"` // bytes the restore must bring
 	FaultCount    int64 `json:"fault_count"`
 	FullyResident bool  `json:"fully_resident"`
+	// Restore is the restore's full progress; RestoreEvents its latest
+	// events (outages, corrupt pages, residency), RestoreEventSeq how many
+	// there were in all, so a poller can tell which it has not seen.
+	Restore         *restore.Status `json:"restore,omitempty"`
+	RestoreEvents   []restore.Event `json:"restore_events,omitempty"`
+	RestoreEventSeq int64           `json:"restore_event_seq,omitempty"`
 }
 
 // SyncReport is what a final flush did.

@@ -70,4 +70,3 @@ func BenchmarkMemserver(b *testing.B) {
 	b.ReportMetric(ms[len(ms)/2], "commit_ms")
 	b.ReportMetric(bestProt/bestPlain, "protected_ratio")
 }
-

@@ -109,7 +109,7 @@ func (c *Client) do(ctx context.Context, op, method, path, ctype string, body []
 		return &notRunning{msg: fmt.Sprintf("memory server %s is not running (%s on socket %s: %v)", c.name(), op, c.socket, err), err: err}
 	}
 	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	b, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswer))
 	if err != nil {
 		return fmt.Errorf("memory server %s: %s: read answer: %w", c.name(), op, err)
 	}
@@ -119,6 +119,10 @@ func (c *Client) do(ctx context.Context, op, method, path, ctype string, body []
 			eb.Error = fmt.Sprintf("%s: %s", resp.Status, bytes.TrimSpace(b))
 		}
 		return &Error{StatusCode: resp.StatusCode, Message: eb.Error}
+	}
+	if raw, ok := out.(*rawAnswer); ok {
+		*raw = b
+		return nil
 	}
 	if out != nil {
 		if err := json.Unmarshal(b, out); err != nil {

@@ -349,21 +349,79 @@ func TestRestartAfterCrash(t *testing.T) {
 	}
 }
 
-func TestRestoreNotSupportedYet(t *testing.T) {
+// TestRestoreLazyAndProtectAgain: a memory server started from a restore
+// point serves exactly the checkpointed memory (lazily, then fully
+// resident), hands back the device state, and protected again to the same
+// backup sends only what was written since the restore, not a recopy.
+func TestRestoreLazyAndProtectAgain(t *testing.T) {
 	needRoot(t)
-	cfg := testConfig(t, "vm-r", 8<<20)
-	cfg.Restore = &memserver.Restore{Backup: "127.0.0.1:1", ID: "vm-r", Mode: "lazy"}
-	cfgFile := filepath.Join(t.TempDir(), "c.json")
-	if err := memserver.WriteConfig(cfgFile, cfg); err != nil {
+	const size = 32 << 20
+	e := newBackup(t)
+	src := spawn(t, testConfig(t, "vm-src", size))
+	ctx := ctxFor(t, 90*time.Second)
+	if _, err := memfstest.Run(ctx, memfstest.Spec{Path: src.ramPath(), Size: size, Mode: "scribble", Seed: 5, Count: 4000}); err != nil {
 		t.Fatal(err)
 	}
-	_, _, err := memserver.Spawn(ctxFor(t, 20*time.Second), os.Args[0], []string{"memserve", "-config", cfgFile}, cfg, filepath.Join(t.TempDir(), "log"))
-	if err == nil || !strings.Contains(err.Error(), "not supported yet") {
-		t.Fatalf("spawn with restore: %v", err)
+	prot := e.protection(30 * time.Second)
+	prot.ID = "vm-x"
+	if err := src.c.Protect(ctx, prot); err != nil {
+		t.Fatal(err)
 	}
-	if mounted(t, cfg.Dir) {
-		t.Fatal("mounted although it failed")
+	src.waitState(t, memserver.StateProtected, 20*time.Second)
+	if _, err := src.c.Sync(ctx); err != nil {
+		t.Fatal(err)
 	}
+	cr, err := src.c.Commit(ctx, []byte("state of vm-x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := src.readRAM(t)
+	src.cleanup(t)
+
+	cfg := testConfig(t, "vm-dst", size)
+	cfg.Restore = &memserver.Restore{Backup: e.addr, ID: "vm-x", TLS: prot.TLS, Mode: "lazy"}
+	dst := spawn(t, cfg)
+	state, err := dst.c.RestoreState(ctx)
+	if err != nil || string(state) != "state of vm-x" {
+		t.Fatalf("restore state %q: %v", state, err)
+	}
+	if got := dst.readRAM(t); !bytes.Equal(got, want) {
+		t.Fatal("the restored RAM file differs from the checkpointed one")
+	}
+	var st memserver.Status
+	for i := 0; i < 200; i++ {
+		if st = dst.status(t); st.FullyResident {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !st.FullyResident || st.Restore == nil || st.Restore.Epoch != cr.Epoch {
+		t.Fatalf("restore status: %+v", st)
+	}
+	t.Logf("restored epoch %d: %d bytes brought, %d faults, %d events", st.Restore.Epoch, st.Resident, st.FaultCount, st.RestoreEventSeq)
+
+	// Protect again to the same image: only the pages written since.
+	if _, err := memfstest.Run(ctx, memfstest.Spec{Path: dst.ramPath(), Size: size, Mode: "scribble", Seed: 6, Count: 50, Span: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.c.Protect(ctx, prot); err != nil {
+		t.Fatal(err)
+	}
+	st = dst.waitState(t, memserver.StateProtected, 20*time.Second)
+	if st.CopyTotal > 1<<20 {
+		t.Fatalf("protecting a restored VM again to its own backup copied %d bytes: a recopy", st.CopyTotal)
+	}
+	t.Logf("protected again: first copy %d bytes (written since the restore)", st.CopyTotal)
+	if _, err := dst.c.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dst.c.Commit(ctx, []byte("state 2")); err != nil {
+		t.Fatal(err)
+	}
+	ram := dst.readRAM(t)
+	dst.cleanup(t)
+	e.down()
+	e.checkImage(t, "vm-x", ram, "state 2")
 }
 
 // TestProtectCopySyncCommit: pages written before protection (discarded

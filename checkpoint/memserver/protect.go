@@ -164,7 +164,15 @@ func (s *server) protect(ctx context.Context, p Protection) error {
 	}
 	// A backup that already holds commits of this id holds an older image:
 	// every page must be sent, zeros included, or stale pages would stay.
-	full := stream.Stats().Acked > 0
+	committed := stream.Stats().Acked
+	full := committed > 0
+	if s.restore != nil {
+		// A restored server's unwritten pages are the restore point's:
+		// protected again to that same image at that same epoch, only
+		// what the guest wrote since is new (no recopy); to anything
+		// else, every page must go.
+		full = !s.restore.sameRestorePoint(p.Backup, p.ID, committed)
+	}
 	s.mu.Lock()
 	s.prot = pr
 	s.rate = p.Rate
@@ -405,7 +413,7 @@ func (p *protection) copyRun(first, n int64, buf []byte, full bool) error {
 	s.sink.mu.Unlock()
 
 	var rerr error
-	if full && !anyWritten(s.fs.Written(), first, n) {
+	if full && s.restore == nil && !anyWritten(s.fs.Written(), first, n) {
 		// Never written back: zeros, and no reason to fault the pages
 		// into the page cache through FUSE just to read them.
 		clear(buf)

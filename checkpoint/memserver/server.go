@@ -37,6 +37,8 @@ type server struct {
 	fs   *memfs.FS
 	ram  ramFile // the RAM file, read-only: pread for the first copy and resyncs
 	sink *sink
+	// restore is set when the server started from a backup's restore point.
+	restore *restoring
 
 	// opMu serialises the operations that change what the server does
 	// (protect, unprotect, sync, commit, shutdown). Status, SetRate and
@@ -60,9 +62,6 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err := cfg.validate(); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	if cfg.Restore != nil {
-		return fmt.Errorf("%s: restore from a backup (%s) is not supported yet: start without Restore", op, cfg.Restore.Backup)
-	}
 	if log == nil {
 		log = slog.Default()
 	}
@@ -80,12 +79,30 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	sctx, stop := context.WithCancel(context.WithoutCancel(ctx))
 	defer stop()
 	s := &server{cfg: cfg, log: log, ctx: sctx, stop: stop, sink: newSink(), done: make(chan struct{})}
-	s.fs, err = memfs.Mount(sctx, cfg.Dir, memfs.Options{
+	opts := memfs.Options{
 		Size: cfg.Size, Sink: s.sink, Source: memfs.ZeroSource{},
 		QueueBytes: queueBytes, DirtyCap: unprotectedCap, Logger: log,
-	})
+	}
+	if cfg.Restore != nil {
+		if s.restore, err = openRestore(sctx, cfg, log); err != nil {
+			return fmt.Errorf("%s: %w", op, err)
+		}
+		defer s.restore.r.Close()
+		opts.Source = s.restore.r.Source()
+		// A lazy fault should wait for its own page only; the
+		// prefetcher brings the rest in large chunks.
+		opts.ReadAhead = memfs.PageSize
+	}
+	s.fs, err = memfs.Mount(sctx, cfg.Dir, opts)
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
+	}
+	if s.restore != nil && cfg.Restore.Mode == "lazy" {
+		go func() {
+			if err := s.restore.r.Run(sctx, s.fs); err != nil && sctx.Err() == nil {
+				log.Error("restore prefetcher", "err", err)
+			}
+		}()
 	}
 	// Reads of it are FUSE requests this process serves on other
 	// goroutines: safe for system calls, never for faults on a mapping
@@ -303,6 +320,7 @@ func (s *server) routes() http.Handler {
 		})
 	}
 	handle("GET "+pathStatus, func(*http.Request) (any, error) { return s.status(), nil })
+	s.restoreRoutes(mux)
 	handle("POST "+pathProtect, func(r *http.Request) (any, error) {
 		var p Protection
 		if err := decodeJSON(r, &p); err != nil {
@@ -390,6 +408,9 @@ func (s *server) status() Status {
 	p, rate := s.prot, s.rate
 	s.mu.Unlock()
 	st.Rate = rate
+	if s.restore != nil {
+		s.restore.fill(&st)
+	}
 	if p == nil {
 		st.Unflushed = s.unflushed()
 		st.Cap = unprotectedCap

@@ -31,7 +31,7 @@ import (
 // least as new as the read, or is dirty again and will be delivered again.
 type sink struct {
 	mu     sync.Mutex
-	watch  *pageset.Set // pages delivered since the first copy's watch opened (nil: none open)
+	watch  *pageset.Set         // pages delivered since the first copy's watch opened (nil: none open)
 	stream *backupclient.Stream // nil: discard
 	ctx    context.Context      // the protection's: ends waits and sends at Unprotect
 	broken func()               // tells the protection its stream failed
