@@ -82,12 +82,13 @@ type Config struct {
 	// gain only when the guest touches neighbours before the prefetcher
 	// brings them.
 	FaultChunk    int64
-	PrefetchChunk int64 // bytes per prefetch step; 1 MiB
+	PrefetchChunk int64 // bytes per prefetch step; 4 MiB
 	FullChunk     int64 // bytes per Full step; 4 MiB (wire.MaxData)
 	PrefetchDepth int   // prefetch/Full steps in flight; 4
 	// AttemptTimeout bounds one connect, and the wait for one answer while
 	// fetches are outstanding (so a prefetch chunk must arrive at
-	// PrefetchChunk/AttemptTimeout bytes/s or better); 10 s.
+	// PrefetchChunk/AttemptTimeout bytes/s or better, 400 KB/s by default);
+	// 10 s.
 	AttemptTimeout time.Duration
 	MaxBackoff     time.Duration // longest wait between attempts; 2 s
 }
@@ -234,7 +235,7 @@ func setDefaults(c *Config) {
 		c.FaultChunk = pageSize
 	}
 	if c.PrefetchChunk == 0 {
-		c.PrefetchChunk = 1 << 20
+		c.PrefetchChunk = 4 << 20
 	}
 	if c.FullChunk == 0 {
 		c.FullChunk = wire.MaxData
