@@ -31,6 +31,8 @@
 // answered with EIO, never served. A page last written in an epoch after
 // the restore point means another writer moved the backup on; it is
 // refused the same way (restore.page_moved). If the backup is unreachable,
-// reads retry with exponential backoff for as long as their context lives
-// and the guest simply waits; each outage and recovery is an event.
+// or answers without the VM (restore.backup_refused: a store not mounted
+// yet, or lost), reads retry with exponential backoff for as long as their
+// context lives and the guest simply waits; each outage and recovery is an
+// event.
 package restore

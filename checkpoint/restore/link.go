@@ -93,8 +93,8 @@ func (l *link) close() {
 	}
 }
 
-// permanent tells a refusal that retrying cannot cure (the backup no
-// longer holds the restore point, or rejects the request) from an outage.
+// permanent tells a failure that retrying cannot cure (the restore was
+// closed, or the backup rejects our requests as malformed) from an outage.
 func permanent(err error) bool {
 	if errors.Is(err, errClosed) {
 		return true
@@ -102,11 +102,19 @@ func permanent(err error) bool {
 	var we *wire.Error
 	if errors.As(err, &we) {
 		switch we.Code {
-		case wire.CodeNotFound, wire.CodeProtocol, wire.CodeMalformed:
+		case wire.CodeProtocol, wire.CodeMalformed:
 			return true
 		}
 	}
 	return false
+}
+
+// notFound: the backup answers but no longer holds the VM or the restore
+// point. The restore waits as through an outage (a store not mounted yet
+// comes back; failing the reads would kill the guest), and says so.
+func notFound(err error) bool {
+	var we *wire.Error
+	return errors.As(err, &we) && we.Code == wire.CodeNotFound
 }
 
 // fetch reads pages at off with their stored sums over l, retrying through
@@ -134,6 +142,9 @@ func (r *Restorer) fetch(ctx context.Context, l *link, off int64, p []byte, sums
 		}
 		if permanent(err) {
 			return fmt.Errorf("fetch %d bytes at %d: %w", len(p), off, err)
+		}
+		if notFound(err) {
+			r.refused(err)
 		}
 		r.unreachable(err)
 		r.log.Debug("backup fetch failed; retrying", "link", l.name, "backoff", backoff, "err", err)

@@ -37,6 +37,10 @@ const (
 	EventCorrupt     = "restore.corrupt_page"
 	EventMoved       = "restore.page_moved"
 	EventResident    = "restore.resident"
+	// EventRefused: the backup answers but no longer holds the VM or the
+	// restore point (once per outage). Reads of missing pages wait, as
+	// through any outage, until it holds them again or their context ends.
+	EventRefused = "restore.backup_refused"
 )
 
 // Event is something a restore reports: an outage and its end, a refused
@@ -164,6 +168,7 @@ type Restorer struct {
 	samples    []time.Duration
 	nSamples   int64
 	outageT0   time.Time // zero while reachable
+	refusedNow bool      // the refusal of the current outage was reported
 	closed     bool
 }
 
@@ -307,7 +312,7 @@ func (r *Restorer) Close() error {
 func (r *Restorer) emit(e Event) {
 	e.Time, e.ID, e.Epoch = time.Now(), r.cfg.ID, r.epoch
 	switch e.Type {
-	case EventUnreachable, EventCorrupt, EventMoved:
+	case EventUnreachable, EventCorrupt, EventMoved, EventRefused:
 		r.log.Warn(e.Type, "page", e.Page, "err", e.Error)
 	default:
 		r.log.Info(e.Type, "elapsed", e.Elapsed, "bytes", e.Bytes)
@@ -334,10 +339,21 @@ func (r *Restorer) sampleLocked(d time.Duration) {
 func (r *Restorer) reachable() {
 	r.mu.Lock()
 	t0 := r.outageT0
-	r.outageT0 = time.Time{}
+	r.outageT0, r.refusedNow = time.Time{}, false
 	r.mu.Unlock()
 	if !t0.IsZero() {
 		r.emit(Event{Type: EventBack, Elapsed: time.Since(t0)})
+	}
+}
+
+// refused reports the backup's refusal, once per outage.
+func (r *Restorer) refused(err error) {
+	r.mu.Lock()
+	first := !r.refusedNow
+	r.refusedNow = true
+	r.mu.Unlock()
+	if first {
+		r.emit(Event{Type: EventRefused, Error: err.Error()})
 	}
 }
 

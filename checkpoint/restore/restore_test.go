@@ -583,3 +583,47 @@ func TestBackupFrozen(t *testing.T) {
 	}
 	t.Logf("status %+v", r.Status())
 }
+
+// TestBackupLostTheVM: a backup that comes back without the VM (its store
+// not there yet) is reported, and the guest waits; once the store is back
+// the guest reads correct data.
+func TestBackupLostTheVM(t *testing.T) {
+	needRoot(t)
+	b := startBackup(t)
+	want := checkpoint(t, b, "vm1")
+	ev := &events{}
+	r := open(t, b, "vm1", ev, nil)
+	fs := mountRestored(t, r)
+	checkHash(t, "before", want, []int64{1}, guest(t, memfstest.Spec{Path: fs.Path(), Size: imgSize, Mode: "hash", Pages: []int64{1}, NoSync: true}))
+	b.kill()
+	vmDir, aside := filepath.Join(b.store, "vm1"), filepath.Join(b.store, "aside")
+	if err := os.Rename(vmDir, aside); err != nil {
+		t.Fatal(err)
+	}
+	b.start()
+	done := make(chan error, 1)
+	var res memfstest.Result
+	go func() {
+		var err error
+		res, err = memfstest.Run(context.Background(), memfstest.Spec{Path: fs.Path(), Size: imgSize, Mode: "hash", Pages: []int64{1, 3000}, NoSync: true})
+		done <- err
+	}()
+	if !waitFor(30*time.Second, func() bool { return ev.count(restore.EventRefused) == 1 }) {
+		t.Fatalf("no refusal reported: %+v", ev.all)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("guest finished while the backup lacks the vm: %v", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	b.kill()
+	if err := os.Rename(aside, vmDir); err != nil {
+		t.Fatal(err)
+	}
+	b.start()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	checkHash(t, "after the store came back", want, []int64{1, 3000}, res)
+	t.Logf("events %+v", ev.all)
+}

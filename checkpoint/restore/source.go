@@ -51,7 +51,11 @@ func (r *Restorer) readPages(ctx context.Context, off int64, p []byte) error {
 		}
 		remote = true
 		errs := make(chan error, len(mine))
-		for _, f := range mine {
+		for i, f := range mine {
+			if i == len(mine)-1 {
+				errs <- r.bring(ctx, r.fault, f, false, nil) // the usual single flight: no goroutine
+				break
+			}
 			go func() { errs <- r.bring(ctx, r.fault, f, false, nil) }()
 		}
 		var ferr error
