@@ -21,8 +21,9 @@ type flight struct {
 type source struct{ r *Restorer }
 
 // ReadPages serves a memfs READ: zero pages locally, present pages from
-// the cache file, the rest fetched from the backup (with the aligned chunk
-// around them), verified and written to the cache file first.
+// the cache file, the rest fetched from the backup (the aligned chunk
+// around them following in the background, if configured), verified and
+// written to the cache file first.
 func (s source) ReadPages(ctx context.Context, off int64, p []byte) error {
 	return s.r.readPages(ctx, off, p)
 }
@@ -35,7 +36,7 @@ func (r *Restorer) readPages(ctx context.Context, off int64, p []byte) error {
 	t0 := time.Now()
 	first, n := off/pageSize, int64(len(p))/pageSize
 	remote := false
-	for round := 0; ; round++ {
+	for {
 		mine, waits, around, err := r.plan(first, n)
 		if err != nil {
 			return fmt.Errorf("%s: %w", op, err)
