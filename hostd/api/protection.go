@@ -127,3 +127,22 @@ func (s *Server) evacuateHost(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Location", "/v1/jobs/"+j.ID)
 	writeJSON(w, http.StatusAccepted, j)
 }
+
+func (s *Server) restoreVM(w http.ResponseWriter, r *http.Request) {
+	p, ok := s.protection(w)
+	if !ok {
+		return
+	}
+	var req protect.RestoreRequest
+	if err := decode(r, &req, false); err != nil {
+		writeError(w, fmt.Errorf("restore VM: %w", err))
+		return
+	}
+	j, err := p.Restore(r.Context(), req)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	w.Header().Set("Location", "/v1/jobs/"+j.ID)
+	writeJSON(w, http.StatusAccepted, j)
+}

@@ -153,6 +153,9 @@ func (s *Server) hostRoutes() {
 	s.route("POST /v1/vms/{name}/evacuate", s.evacuateVM)
 	s.route("POST /v1/vms/{name}/epoch", s.epochVM)
 	s.route("POST /v1/host/evacuate", s.evacuateHost)
+	// No 405 fallback here: it would clash with GET /v1/vms/{name} (other
+	// methods on this path reach the VM routes and get their answers).
+	s.routeOnly("POST /v1/vms/restore", s.restoreVM)
 }
 
 // route registers h for pattern, a JSON 405 for the path's other methods,
@@ -170,6 +173,13 @@ func (s *Server) route(pattern string, h http.HandlerFunc) {
 				fmt.Sprintf("%s is not allowed on %s (see GET /v1/openapi.yaml)", r.Method, r.URL.Path))
 		})
 	}
+}
+
+// routeOnly registers h for pattern without the 405 fallback of route.
+func (s *Server) routeOnly(pattern string, h http.HandlerFunc) {
+	s.Routes = append(s.Routes, pattern)
+	_, path, _ := strings.Cut(pattern, " ")
+	s.mux.Handle(pattern, s.wrap(path, h))
 }
 
 type statusWriter struct {

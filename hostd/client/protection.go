@@ -51,3 +51,9 @@ func (c *Client) EvacuateHost(ctx context.Context, r protect.EvacuateRequest) (j
 	var j jobs.Job
 	return j, c.Do(ctx, http.MethodPost, "/v1/host/evacuate", r, &j)
 }
+
+// Restore brings a VM back from a backup as a job.
+func (c *Client) Restore(ctx context.Context, r protect.RestoreRequest) (jobs.Job, error) {
+	var j jobs.Job
+	return j, c.Do(ctx, http.MethodPost, "/v1/vms/restore", r, &j)
+}

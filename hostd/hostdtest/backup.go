@@ -114,3 +114,28 @@ func (bh *BackupHost) HostTLS(c *config.Config, host string) {
 
 // StoreDir is the backup's checkpoint store.
 func (bh *BackupHost) StoreDir() string { return bh.Config.BackupDir() }
+
+// Link gives another namespace (a second host) its own veth to the
+// backup and a route to its address; it returns that host's address.
+func (bh *BackupHost) Link(tb testing.TB, ns string) string {
+	tb.Helper()
+	b := make([]byte, 2)
+	_, _ = rand.Read(b)
+	sfx := hex.EncodeToString(b)
+	hostIP := fmt.Sprintf("10.80.%d.%d", b[0], (int(b[1])&0x3f)*4+1)
+	peerIP := fmt.Sprintf("10.80.%d.%d", b[0], (int(b[1])&0x3f)*4+2)
+	hostDev, bkDev := "hl"+sfx, "bl"+sfx
+	run := func(args ...string) {
+		tb.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			tb.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	run("ip", "link", "add", hostDev, "netns", ns, "type", "veth", "peer", "name", bkDev, "netns", bh.Netns)
+	run("ip", "-n", ns, "addr", "add", hostIP+"/30", "dev", hostDev)
+	run("ip", "-n", bh.Netns, "addr", "add", peerIP+"/30", "dev", bkDev)
+	run("ip", "-n", ns, "link", "set", hostDev, "up")
+	run("ip", "-n", bh.Netns, "link", "set", bkDev, "up")
+	run("ip", "-n", ns, "route", "add", bh.BackupIP+"/32", "via", peerIP)
+	return hostIP
+}

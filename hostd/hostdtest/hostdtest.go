@@ -164,8 +164,11 @@ func (d *Daemon) start() {
 	}
 	args := []string{filepath.Join(d.BinDir, "hostd"), "-config", d.ConfigPath()}
 	if d.netns != "" {
-		// ip execs hostd after entering the namespace: the PID is hostd's.
-		args = append([]string{"ip", "netns", "exec", d.netns}, args...)
+		// nsenter execs hostd after entering the network namespace only:
+		// the PID is hostd's, and unlike `ip netns exec` it keeps the
+		// mount namespace, so the FUSE mounts of its memory servers are
+		// the ones QEMU (libvirt's child, in the host's) maps.
+		args = append([]string{"nsenter", "--net=/run/netns/" + d.netns}, args...)
 	}
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf

@@ -56,6 +56,8 @@ type Record struct {
 	SerialOffset int64 `json:"serial_offset,omitempty"`
 	// ServedMemory: the RAM file is served by the VM's memory server.
 	ServedMemory bool `json:"served_memory,omitempty"`
+	// Restored: brought back from a backup's restore point.
+	Restored bool `json:"restored,omitempty"`
 	// Adopted: found running in libvirt with hostd's metadata, no record.
 	Adopted bool `json:"adopted,omitempty"`
 	// Vanished: the record exists but the hypervisor no longer has the domain.

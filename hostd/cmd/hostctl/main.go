@@ -8,6 +8,7 @@
 //	hostctl protect NAME -backup HOST:PORT [-bound 30s] [-epoch 0s] [-weight 1] [-wait] | unprotect NAME
 //	hostctl protection [NAME] | evacuate NAME [-deadline RFC3339 | -within D] [-after pause|destroy|resume] [-wait]
 //	hostctl epoch NAME | evacuate-host [-within D] [-wait]
+//	hostctl restore ID -backup HOST:PORT [-name N] [-mode lazy|full] [-restore-point E] [-prefetch-rate B] [-wait]
 //	hostctl job list | get ID | wait ID
 //	hostctl events
 //	hostctl metrics
@@ -79,6 +80,8 @@ func usage() {
                                         pause, final flush, device state, restorable commit
   evacuate-host [-within D] [-wait]     evacuate every protected VM at once
   epoch NAME                            take a crash-consistent restore point now
+  restore ID -backup HOST:PORT [-name N] [-mode lazy|full] [-prefetch-rate B/s] [-wait]
+                                        bring a VM back from a backup (job ends when fully resident)
   job list | job get ID | job wait ID
   events                                stream events (one JSON object per line)
   metrics                               Prometheus metrics
@@ -114,7 +117,7 @@ func (a *cli) run(ctx context.Context, args []string) error {
 		return a.job(ctx, args[1:])
 	case "connector":
 		return a.connector(ctx, args[1:])
-	case "protect", "unprotect", "protection", "evacuate", "evacuate-host", "epoch":
+	case "protect", "unprotect", "protection", "evacuate", "evacuate-host", "epoch", "restore":
 		return a.protection(ctx, args[0], args[1:])
 	case "events":
 		ch, err := a.c.Events(ctx)

@@ -23,6 +23,10 @@ func (a *cli) protection(ctx context.Context, cmd string, args []string) error {
 	deadline := fs.String("deadline", "", "evacuate: deadline as RFC 3339")
 	after := fs.String("after", "", "evacuate: pause (default), destroy or resume")
 	wait := fs.Bool("wait", false, "wait for the job")
+	mode := fs.String("mode", "lazy", "restore: lazy or full")
+	as := fs.String("name", "", "restore: name on this host (default: the id)")
+	epochN := fs.Uint64("restore-point", 0, "restore: epoch (default: the latest)")
+	prefetch := fs.Float64("prefetch-rate", 0, "restore: prefetch bytes/s (0: unlimited)")
 	name, rest := "", args
 	if len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
 		name, rest = rest[0], rest[1:]
@@ -91,6 +95,12 @@ func (a *cli) protection(ctx context.Context, cmd string, args []string) error {
 		return a.jobOut(j, err)
 	case "evacuate-host":
 		j, err := a.c.EvacuateHost(ctx, ereq)
+		if err == nil && *wait {
+			j, err = a.c.WaitJob(ctx, j.ID)
+		}
+		return a.jobOut(j, err)
+	case "restore":
+		j, err := a.c.Restore(ctx, protect.RestoreRequest{Backup: *backup, ID: name, Name: *as, Epoch: *epochN, Mode: *mode, PrefetchRate: *prefetch})
 		if err == nil && *wait {
 			j, err = a.c.WaitJob(ctx, j.ID)
 		}

@@ -1,0 +1,259 @@
+package protect
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"hostd/checkpoint/backupclient"
+	"hostd/checkpoint/memserver"
+	"hostd/checkpoint/pki"
+	"hostd/hostd/events"
+	"hostd/hostd/jobs"
+	"hostd/hostd/vm"
+	"hostd/xen"
+	"hostd/xen/qemu"
+)
+
+// RestoreRequest is the body of POST /v1/vms/restore.
+type RestoreRequest struct {
+	Backup string `json:"backup"` // host:port of the backup holding the VM
+	ID     string `json:"id"`     // the VM's id at the backup
+	// Name of the restored VM on this host; default ID.
+	Name  string `json:"name,omitempty"`
+	Epoch uint64 `json:"epoch,omitempty"` // 0: the latest restore point
+	// Mode "lazy" (default) resumes at once and brings pages on demand and
+	// in the background; "full" copies everything first.
+	Mode string `json:"mode,omitempty"`
+	// PrefetchRate bounds the background prefetch (bytes/s; 0: unlimited).
+	PrefetchRate float64 `json:"prefetch_rate,omitempty"`
+	// Protect, if set, protects the restored VM as soon as it runs (to
+	// the same backup and id: no recopy).
+	Protect *Request `json:"protect,omitempty"`
+}
+
+// RestoreReport is a restore job's final report.
+type RestoreReport struct {
+	VM     string  `json:"vm"`
+	Backup string  `json:"backup"`
+	ID     string  `json:"id"`
+	Epoch  uint64  `json:"epoch"`
+	Mode   string  `json:"mode"`
+	Phases []Phase `json:"phases"`
+	// ResumeMS is from the request to the guest running again;
+	// ResidentMS to every page being local (the VM no longer needs the
+	// backup).
+	ResumeMS   float64 `json:"resume_ms"`
+	ResidentMS float64 `json:"resident_ms"`
+	// Bytes brought from the backup and lazy faults that waited for it.
+	BytesFetched int64   `json:"bytes_fetched"`
+	Faults       int64   `json:"remote_faults"`
+	FaultP50US   float64 `json:"fault_p50_us"`
+	FaultP99US   float64 `json:"fault_p99_us"`
+	ProtectJob   string  `json:"protect_job,omitempty"`
+}
+
+// Restore brings a VM back from a backup's restore point as a job.
+func (m *Manager) Restore(ctx context.Context, req RestoreRequest) (jobs.Job, error) {
+	if req.Name == "" {
+		req.Name = req.ID
+	}
+	if req.Mode == "" {
+		req.Mode = "lazy"
+	}
+	op := fmt.Sprintf("restore VM %q", req.Name)
+	switch {
+	case req.Backup == "" || req.ID == "":
+		return jobs.Job{}, fmt.Errorf("%s: %w: backup and id are required", op, vm.ErrInvalid)
+	case req.Mode != "lazy" && req.Mode != "full":
+		return jobs.Job{}, fmt.Errorf("%s: %w: mode %q is not lazy or full", op, vm.ErrInvalid, req.Mode)
+	case req.PrefetchRate < 0:
+		return jobs.Job{}, fmt.Errorf("%s: %w: prefetch_rate must not be negative", op, vm.ErrInvalid)
+	}
+	probe := Request{Backup: req.Backup}
+	if err := m.applyDefaults(&probe, req.Name); err != nil {
+		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
+	}
+	if _, err := m.vms.Get(ctx, req.Name); err == nil {
+		return jobs.Job{}, fmt.Errorf("%s: %w (name it otherwise with \"name\")", op, vm.ErrExists)
+	}
+	return m.jobs.Start(m.ctx, "restore", req.Name, func(ctx context.Context, p *jobs.Progress) (any, error) {
+		return m.restore(ctx, req, p)
+	})
+}
+
+func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progress) (rep RestoreReport, err error) {
+	name := req.Name
+	op := fmt.Sprintf("restore VM %q from %s", name, req.Backup)
+	rep = RestoreReport{VM: name, Backup: req.Backup, ID: req.ID, Mode: req.Mode}
+	t0 := time.Now()
+	phase := func(n string, start time.Time, bytes int64) {
+		rep.Phases = append(rep.Phases, Phase{Name: n, StartMS: ms(start.Sub(t0)), DurationMS: ms(time.Since(start)), Bytes: bytes})
+	}
+
+	// The restore point's size and epoch, so the memory server serves
+	// exactly it (a later commit must not change what is restored).
+	p.Set(0.05, "probe")
+	s := time.Now()
+	files := m.tlsFiles(req.Backup)
+	tc, err := pki.ClientConfig(files.CA, files.Cert, files.Key, files.ServerName)
+	if err != nil {
+		return rep, fmt.Errorf("%s: %w", op, err)
+	}
+	rc, err := backupclient.DialRestore(ctx, backupclient.RestoreConfig{Addr: req.Backup, TLS: tc, VMID: req.ID, Epoch: req.Epoch, Logger: m.log})
+	if err != nil {
+		return rep, fmt.Errorf("%s: %w: %v", op, ErrBackup, err)
+	}
+	info := rc.Info()
+	rc.Close()
+	rep.Epoch = info.Epoch
+	phase("probe", s, 0)
+
+	// The memory server: lazy, it serves pages from the backup at once;
+	// full, it copies every page before it answers.
+	p.Set(0.1, "memory")
+	s = time.Now()
+	ramPath, err := m.mem.serve(ctx, memserver.Config{VM: name, Size: info.ImageSize, Restore: &memserver.Restore{
+		Backup: req.Backup, ID: req.ID, TLS: files, Epoch: info.Epoch, Mode: req.Mode, PrefetchRate: req.PrefetchRate,
+	}})
+	if err != nil {
+		return rep, fmt.Errorf("%s: %w", op, err)
+	}
+	defined := false
+	defer func() {
+		if err == nil {
+			return
+		}
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if defined {
+			m.vms.DiscardIncoming(cctx, name)
+		}
+		if rerr := m.mem.Release(cctx, name); rerr != nil {
+			m.log.Warn("stop memory server of a failed restore", "vm", name, "err", rerr)
+		}
+	}()
+	phase("memory", s, 0)
+	c, err := m.mem.Client(ctx, name)
+	if err != nil {
+		return rep, fmt.Errorf("%s: %w", op, err)
+	}
+
+	p.Set(0.3, "state")
+	s = time.Now()
+	blob, err := c.RestoreState(ctx)
+	if err != nil {
+		return rep, fmt.Errorf("%s: %w", op, err)
+	}
+	saved, qstate, err := DecodeState(blob)
+	if err != nil {
+		return rep, fmt.Errorf("%s: %w", op, err)
+	}
+	if int64(saved.Spec.MemoryMiB)<<20 != info.ImageSize {
+		return rep, fmt.Errorf("%s: %w: the saved VM has %d MiB, the image %d bytes", op, ErrBadState, saved.Spec.MemoryMiB, info.ImageSize)
+	}
+	phase("state", s, int64(len(blob)))
+
+	p.Set(0.4, "define")
+	s = time.Now()
+	if _, err = m.vms.CreateIncoming(ctx, saved.Spec, name, ramPath); err != nil {
+		return rep, fmt.Errorf("%s: %w", op, err)
+	}
+	defined = true
+	phase("define", s, 0)
+
+	p.Set(0.5, "load")
+	s = time.Now()
+	if err = m.loadDeviceState(ctx, name, qstate); err != nil {
+		return rep, fmt.Errorf("%s: %w", op, err)
+	}
+	phase("load", s, int64(len(qstate)))
+	s = time.Now()
+	if err = m.hv.Resume(ctx, name); err != nil {
+		return rep, fmt.Errorf("%s: resume: %w", op, err)
+	}
+	phase("resume", s, 0)
+	rep.ResumeMS = ms(time.Since(t0))
+	m.vms.Resumed(name)
+	m.ev.Publish(events.Event{Type: "vm.restored", VM: name, Data: map[string]any{"backup": req.Backup, "id": req.ID, "epoch": info.Epoch, "mode": req.Mode, "resume_ms": rep.ResumeMS}})
+	m.log.Info("vm restored", "vm", name, "epoch", info.Epoch, "mode", req.Mode, "resume_ms", rep.ResumeMS)
+
+	if req.Protect != nil {
+		pr := *req.Protect
+		if pr.Backup == "" {
+			pr.Backup, pr.ID = req.Backup, req.ID
+		}
+		j, perr := m.Protect(ctx, name, pr)
+		if perr != nil {
+			m.log.Warn("protect the restored VM", "vm", name, "err", perr)
+		} else {
+			rep.ProtectJob = j.ID
+		}
+	}
+
+	// Until every page is local, the VM depends on the backup: follow the
+	// restore, passing its events on.
+	p.Set(0.6, "prefetch")
+	s = time.Now()
+	var seen int64
+	for {
+		st, serr := c.Status(ctx)
+		if serr != nil {
+			return rep, fmt.Errorf("%s: after the resume: %w", op, serr)
+		}
+		if st.RestoreEventSeq > seen {
+			fresh := min(int(st.RestoreEventSeq-seen), len(st.RestoreEvents))
+			for _, e := range st.RestoreEvents[len(st.RestoreEvents)-fresh:] {
+				m.ev.Publish(events.Event{Type: e.Type, VM: name, Data: e})
+			}
+			seen = st.RestoreEventSeq
+		}
+		if st.ResidentTotal > 0 {
+			p.Set(0.6+0.4*float64(st.Resident)/float64(st.ResidentTotal), "prefetch")
+		}
+		if st.Restore != nil {
+			rep.BytesFetched, rep.Faults = st.Restore.FetchedBytes, st.Restore.RemoteFaults
+			rep.FaultP50US, rep.FaultP99US = float64(st.Restore.FaultP50.Microseconds()), float64(st.Restore.FaultP99.Microseconds())
+		}
+		if st.FullyResident {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return rep, fmt.Errorf("%s: waiting for residency: %w", op, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	phase("resident", s, rep.BytesFetched)
+	rep.ResidentMS = ms(time.Since(t0))
+	m.ev.Publish(events.Event{Type: "vm.resident", VM: name, Data: map[string]any{"resident_ms": rep.ResidentMS, "bytes": rep.BytesFetched}})
+	return rep, nil
+}
+
+// loadDeviceState feeds QEMU (waiting in inmigrate) the saved state.
+func (m *Manager) loadDeviceState(ctx context.Context, name string, state []byte) error {
+	mon := m.hv.Monitor()
+	if mon == nil {
+		return fmt.Errorf("load device state: %w: this hypervisor has no QEMU monitor", xen.ErrUnavailable)
+	}
+	q := qemu.New(mon)
+	if err := q.SetMigrationCapabilities(ctx, name, map[string]bool{"x-ignore-shared": true}); err != nil {
+		return fmt.Errorf("load device state: %w", err)
+	}
+	fd, err := unix.MemfdCreate("hostd-restore-"+name, unix.MFD_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("load device state: memfd: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "state")
+	defer f.Close()
+	if _, err := f.Write(state); err != nil {
+		return fmt.Errorf("load device state: %w", err)
+	}
+	if _, err := f.Seek(0, 0); err != nil {
+		return fmt.Errorf("load device state: %w", err)
+	}
+	return q.LoadDeviceState(ctx, name, f)
+}
