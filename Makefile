@@ -20,7 +20,7 @@ provision:
 
 build:
 	mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./hostd/cmd/...
+	$(GO) build -o $(BIN)/ ./hostd/cmd/... ./checkpoint/pki/cmd/mkpki
 
 # The test guest (kernel + initramfs with the guest agent), cached in build/guest.
 guest: provision

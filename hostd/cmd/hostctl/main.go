@@ -32,6 +32,7 @@ import (
 	"hostd/hostd/connector"
 	"hostd/hostd/jobs"
 	"hostd/hostd/vm"
+	"hostd/images/guest/agentclient"
 	"hostd/xen"
 )
 
@@ -70,6 +71,8 @@ func usage() {
   vm shutdown NAME [-timeout 60s] [-wait]
   vm console NAME [-n 50]
   vm wait-ready NAME [-timeout 2m]      wait until the guest agent announced itself
+  vm agent NAME CMD [JSON]              call the guest agent (test guest: dirty, ops, checksum, ...)
+  vm verify NAME REGION...              check guest region checksums against the seeded pattern
   connector list | get ID | delete ID | stats ID
   connector create|retarget ID A B      endpoints as HOST[/VM[/NIC]], e.g. 10.0.0.1/web/0
   protect NAME -backup HOST:PORT [-bound 30s] [-epoch 0s] [-weight 1] [-wait]
@@ -235,6 +238,51 @@ func (a *cli) vm(ctx context.Context, args []string) error {
 		}
 		return a.table([]string{"CPU", "MEMORY", "BALLOON", "RSS"}, [][]string{{
 			s.CPUTime.String(), fmt.Sprintf("%d MiB", s.MemoryMiB), fmt.Sprintf("%d MiB", s.BalloonMiB), fmt.Sprintf("%d MiB", s.RSSMiB)}})
+	case "agent":
+		// The guest agent's socket is a local file: hostctl runs beside hostd.
+		v, err := a.c.VM(ctx, name)
+		if err != nil {
+			return err
+		}
+		if fs.NArg() < 1 {
+			return usageError{"vm agent NAME CMD [JSON-ARGS]"}
+		}
+		var args any
+		if fs.NArg() > 1 {
+			args = json.RawMessage(fs.Arg(1))
+		}
+		ac, err := agentclient.Dial(ctx, v.Spec.AgentSocket)
+		if err != nil {
+			return err
+		}
+		defer ac.Close()
+		var out json.RawMessage
+		if err := ac.Call(ctx, fs.Arg(0), args, &out); err != nil {
+			return err
+		}
+		fmt.Fprintf(a.out, "%s\n", out)
+		return nil
+	case "verify":
+		// Region checksums computed in the guest against the host's own
+		// recomputation of the seeded pattern.
+		v, err := a.c.VM(ctx, name)
+		if err != nil {
+			return err
+		}
+		ac, err := agentclient.Dial(ctx, v.Spec.AgentSocket)
+		if err != nil {
+			return err
+		}
+		defer ac.Close()
+		for _, region := range fs.Args() {
+			r, err := ac.VerifyChecksum(ctx, region)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.out, "%s: region %s sha256 %s matches the expected pattern (seed %d, %d passes + %d pages)\n",
+				name, region, r.SHA256[:16], r.Seed, r.PassesDone, r.PageInPass)
+		}
+		return nil
 	case "wait-ready":
 		if *timeout == 0 {
 			*timeout = 2 * time.Minute
