@@ -14,6 +14,7 @@ import (
 
 	"hostd/checkpoint/backupstore"
 	"hostd/checkpoint/wire"
+	"hostd/hostd/accept"
 )
 
 // Server serves page streams into a store.
@@ -84,32 +85,7 @@ func New(store *backupstore.Store, tlsConf *tls.Config, opts Options) (*Server, 
 // Serve accepts connections on ln until ctx ends, then closes ln and every
 // session and returns ctx's error.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		<-ctx.Done()
-		ln.Close()
-	}()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return fmt.Errorf("backup serve: accept: %w", err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			s.serveConn(ctx, c)
-		}()
-	}
+	return accept.Serve(ctx, ln, "backup", s.serveConn)
 }
 
 type session struct {

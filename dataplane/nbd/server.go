@@ -10,6 +10,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"hostd/hostd/accept"
 )
 
 // Backend is the block device a Server exports. Calls come concurrently;
@@ -86,32 +88,7 @@ func NewServer(b Backend, opts Options) (*Server, error) {
 // Serve accepts connections on ln until ctx ends, then closes ln and every
 // connection (after the requests in flight) and returns ctx's error.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		<-ctx.Done()
-		ln.Close()
-	}()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return fmt.Errorf("nbd serve: accept: %w", err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			s.ServeConn(ctx, c)
-		}()
-	}
+	return accept.Serve(ctx, ln, "nbd", s.ServeConn)
 }
 
 // ServeConn serves one connection until the client disconnects, breaks

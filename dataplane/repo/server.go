@@ -13,6 +13,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"hostd/hostd/accept"
 )
 
 // ServerOptions configure a Server.
@@ -126,32 +128,7 @@ func (s *Server) Close() error {
 // Serve accepts connections on ln until ctx ends, then closes ln and every
 // connection and returns ctx's error.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		<-ctx.Done()
-		ln.Close()
-	}()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return fmt.Errorf("repo serve: accept: %w", err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			s.serveConn(ctx, c)
-		}()
-	}
+	return accept.Serve(ctx, ln, "repo", s.serveConn)
 }
 
 // Status is a repository's state.
@@ -160,7 +137,7 @@ type Status struct {
 	Used     int64 `json:"used"`
 	Locked   bool  `json:"locked"`
 	// LockError says why the memory is not locked.
-	LockError string         `json:"lock_error,omitempty"`
+	LockError string  `json:"lock_error,omitempty"`
 	Clients   []Usage `json:"clients"`
 }
 
