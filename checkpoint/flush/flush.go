@@ -159,6 +159,15 @@ func (c *Controller) Notice(now, deadline time.Time) error {
 	return c.applyLocked(now, true)
 }
 
+// ClearNotice withdraws a notice (a drill ended, the VM runs on): the cap
+// goes back to what the bound alone allows.
+func (c *Controller) ClearNotice(now time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.deadline = time.Time{}
+	return c.applyLocked(now, true)
+}
+
 // Tick re-derives the cap as a notice's deadline approaches.
 func (c *Controller) Tick(now time.Time) error {
 	c.mu.Lock()

@@ -142,7 +142,7 @@ type Control interface {
 	Unprotect(ctx context.Context) error
 	// SetRate changes the bandwidth share (bytes/s; 0 = unlimited).
 	SetRate(ctx context.Context, bytesPerSec float64) error
-	// Notice records a termination notice: the cap tightens towards
+	// Notice records a termination notice (a zero deadline withdraws it): the cap tightens towards
 	// deadline.
 	Notice(ctx context.Context, deadline time.Time) error
 	// Sync flushes every dirty page to the backup (VM paused or not); it

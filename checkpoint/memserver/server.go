@@ -456,6 +456,14 @@ func (s *server) notice(deadline time.Time) error {
 		return err
 	}
 	now := time.Now()
+	if deadline.IsZero() {
+		// Withdrawn: an evacuation drill resumed the guest.
+		if err := p.ctl.ClearNotice(now); err != nil {
+			s.log.Warn("withdraw notice", "err", err)
+		}
+		p.wake()
+		return nil
+	}
 	if !deadline.After(now) {
 		return badRequest(fmt.Errorf("termination notice: deadline %s is not in the future", deadline.Format(time.RFC3339Nano)))
 	}

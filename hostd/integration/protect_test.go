@@ -498,4 +498,10 @@ func TestEvacuationBoundThrottled(t *testing.T) {
 			}
 		}
 	}
+	// The drills resumed the guest: their notices are withdrawn and the
+	// protection is healthy under its own bound again.
+	time.Sleep(5 * time.Second) // past the last drill's deadline
+	if st, err := c.Protection(ctx, name); err != nil || st.Notice || st.State != "protected" {
+		t.Fatalf("after the drills: %v %+v", err, st)
+	}
 }

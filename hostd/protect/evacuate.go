@@ -291,6 +291,12 @@ func (m *Manager) evacuate(ctx context.Context, rec Record, req EvacuateRequest,
 	case AfterResume:
 		err = m.hv.Resume(ctx, name)
 		resumed = err == nil
+		if resumed && !epoch {
+			// The guest runs on under its own bound again.
+			if nerr := c.Notice(ctx, time.Time{}); nerr != nil {
+				m.log.Warn("withdraw the evacuation's notice", "vm", name, "err", nerr)
+			}
+		}
 	case AfterDestroy:
 		err = m.hv.Destroy(ctx, name)
 	}
