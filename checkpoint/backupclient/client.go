@@ -23,6 +23,9 @@ var ErrClosed = errors.New("backup stream closed")
 // repairs it.
 var ErrBroken = errors.New("backup stream broken")
 
+// errReconnecting is why sends fail while Reconnect dials.
+var errReconnecting = errors.New("reconnect under way")
+
 // Config describes one VM's stream.
 type Config struct {
 	Addr      string      // backup server host:port
@@ -64,6 +67,12 @@ type Stream struct {
 	bw        float64 // bytes/s, EWMA over commits
 	acks      chan ackOrErr
 	readerEnd chan struct{}
+	// watch collects the pages SendPages is handed while a Reconnect
+	// resends (nil otherwise): see Reconnect.
+	watch *pageset.Set
+	// resyncing: a Reconnect has a new connection but has not resent
+	// every owed page yet. Sends go through; Stats reports Broken.
+	resyncing bool
 
 	// Lazy-restore reads in flight, answered by the reader goroutine.
 	// A lock of their own: the reader must never wait for mu, which a
@@ -269,6 +278,9 @@ func (s *Stream) SendPages(ctx context.Context, off int64, data []byte) error {
 	defer s.mu.Unlock()
 	// Record first: whatever happens next, these pages are owed.
 	s.sent[s.epoch].AddRange(off/wire.PageSize, int64(len(data))/wire.PageSize)
+	if s.watch != nil {
+		s.watch.AddRange(off/wire.PageSize, int64(len(data))/wire.PageSize)
+	}
 	if err := s.usableLocked(op); err != nil {
 		return err
 	}
@@ -428,14 +440,16 @@ type Stats struct {
 	Epoch        uint64 // epoch being sent
 	BytesSent    int64
 	PendingPages int64 // sent or owed, not yet acknowledged
-	Broken       bool
+	// Broken: the connection failed, or a Reconnect has not finished
+	// resending the owed pages (the backup lacks them until it has).
+	Broken bool
 }
 
 // Stats returns the counters.
 func (s *Stream) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return Stats{Acked: s.acked, Epoch: s.epoch, BytesSent: s.total, PendingPages: s.pendingLocked().Count(), Broken: s.broken != nil}
+	return Stats{Acked: s.acked, Epoch: s.epoch, BytesSent: s.total, PendingPages: s.pendingLocked().Count(), Broken: s.broken != nil || s.resyncing}
 }
 
 func (s *Stream) pendingLocked() *pageset.Set {
@@ -452,38 +466,45 @@ func (s *Stream) pendingLocked() *pageset.Set {
 // backup has lost commits it had acknowledged (a new or wiped server), the
 // whole image is sent. Device state of a failed restore point is not kept:
 // send it again, then Commit.
-func (s *Stream) Reconnect(ctx context.Context) error {
+//
+// The stream's lock is held across neither a read of Source nor the dial.
+// Source is the RAM file, a FUSE file this process serves: a read (or the
+// FLUSH of closing it) can wait for the writeback of a page, whose FUSE
+// WRITE waits for room in memfs's queue, which only a delivery frees, and
+// a delivery is SendPages, which needs the lock: held, that is a deadlock.
+// A dial to a backup that does not answer takes DialTimeout: held, that
+// would stall the guest's writeback as long. So the owed pages are
+// read unlocked, and each run is sent under the lock minus the pages
+// SendPages was handed since the resend began (the watch). Such a page was
+// written back after the watch opened, and that delivery either carries
+// data at least as new as the read, or the page was dirtied again after it
+// and will be delivered again; either way the read copy must not follow it
+// onto the wire, where it would overwrite newer data.
+//
+// Pages keep being delivered meanwhile, into the new epoch, so the guest
+// is not held up by the resend beyond the link they share. Stats reports
+// the stream broken until the resend is done; if it fails, the stream is
+// broken for real (Commit must not seal an epoch that lacks owed pages)
+// and the next Reconnect resends them all.
+func (s *Stream) Reconnect(ctx context.Context) (err error) {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	op := "reconnect backup stream of " + s.cfg.VMID
-	if s.closed {
-		return fmt.Errorf("%s: %w", op, ErrClosed)
-	}
-	s.conn.Close()
-	<-s.readerEnd
-	c, committed, err := s.dial(ctx, s.acked+1)
+	pending, committed, err := s.redial(ctx, op)
 	if err != nil {
-		s.broken = err
 		return err
 	}
-	s.attach(c)
-	pending := s.pendingLocked()
-	full := committed < s.acked
-	if full {
-		s.log.Warn("backup lost acknowledged epochs: full resync", "backup_committed", committed, "acked", s.acked)
-		pending.AddRange(0, pending.Len())
-	}
-	s.sent = map[uint64]*pageset.Set{}
-	s.acked, s.epoch = committed, committed+1
-	s.startEpoch()
-	// Owe every page at once: if the resend fails half way, the next
-	// Reconnect still knows all of them.
-	s.sent[s.epoch].Union(pending)
-	if pending.Count() > 0 && s.cfg.Source == nil {
-		return fmt.Errorf("%s: %d pages to resend and no source", op, pending.Count())
-	}
+	defer func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.watch, s.resyncing = nil, false
+		if err != nil && !s.closed {
+			s.breakLocked(err)
+		}
+	}()
+	// A backup with nothing committed holds an all-zero image: zero pages
+	// need not travel.
+	skipZero := committed == 0
 	buf := make([]byte, wire.MaxData)
 	var rerr error
 	var resent int64
@@ -496,21 +517,107 @@ func (s *Stream) Reconnect(ctx context.Context) error {
 			rerr = fmt.Errorf("read source: %w", rerr)
 			return false
 		}
-		if full && committed == 0 && allZero(b) {
-			return true // a new backup image reads zero there anyway
-		}
-		rerr = s.sendLocked(op, first*wire.PageSize, b)
-		resent += int64(len(b))
+		var sent int64
+		sent, rerr = s.resendRun(ctx, op, first, b, skipZero)
+		resent += sent
 		return rerr == nil
 	})
 	if rerr != nil {
 		return fmt.Errorf("%s: resync: %w", op, rerr)
 	}
-	if err := s.w.Flush(); err != nil {
-		return fmt.Errorf("%s: resync: %w", op, s.breakLocked(err))
+	if err := s.Flush(ctx); err != nil {
+		return fmt.Errorf("%s: resync: %w", op, err)
 	}
-	s.log.Info("backup stream reconnected", "backup_committed", committed, "resent_bytes", resent)
+	s.log.Info("backup stream reconnected", "backup_committed", committed, "owed_pages", pending.Count(), "resent_bytes", resent)
 	return nil
+}
+
+// redial is Reconnect's first half: a new connection, and every page owed
+// to the backup recorded in its first epoch before any is resent, so a
+// resend that fails half way leaves the next Reconnect knowing all of
+// them. It returns the owed pages (with the watch open if there are any)
+// and the backup's last committed epoch.
+func (s *Stream) redial(ctx context.Context, op string) (*pageset.Set, uint64, error) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, 0, fmt.Errorf("%s: %w", op, ErrClosed)
+	}
+	s.conn.Close()
+	<-s.readerEnd
+	if s.broken == nil {
+		// Sends fail fast (their pages owed) until the new connection
+		// is up, rather than waiting for the dial.
+		s.broken = errReconnecting
+	}
+	acked := s.acked // stable: Commit needs commitMu, which we hold
+	s.mu.Unlock()
+
+	c, committed, err := s.dial(ctx, acked+1)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		s.broken = err
+		return nil, 0, err
+	}
+	if s.closed {
+		c.Close()
+		return nil, 0, fmt.Errorf("%s: %w", op, ErrClosed)
+	}
+	s.attach(c)
+	pending := s.pendingLocked()
+	if committed < s.acked {
+		s.log.Warn("backup lost acknowledged epochs: full resync", "backup_committed", committed, "acked", s.acked)
+		pending.AddRange(0, pending.Len())
+	}
+	s.sent = map[uint64]*pageset.Set{}
+	s.acked, s.epoch = committed, committed+1
+	s.startEpoch()
+	s.sent[s.epoch].Union(pending)
+	if pending.Count() > 0 {
+		if s.cfg.Source == nil {
+			err := fmt.Errorf("%s: %d pages to resend and no source", op, pending.Count())
+			s.breakLocked(err)
+			return nil, 0, err
+		}
+		s.watch = pageset.New(pending.Len())
+	}
+	s.resyncing = true
+	return pending, committed, nil
+}
+
+// resendRun sends the pages of b (read from Source at page first) that no
+// SendPages was handed since the watch opened, and, if skipZero, that are
+// not all zero. It returns the bytes sent.
+func (s *Stream) resendRun(ctx context.Context, op string, first int64, b []byte, skipZero bool) (int64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usableLocked(op); err != nil {
+		return 0, err
+	}
+	c := s.conn
+	stop := context.AfterFunc(ctx, func() { c.SetWriteDeadline(time.Unix(1, 0)) })
+	defer stop()
+	page := func(i int64) []byte { return b[i*wire.PageSize : (i+1)*wire.PageSize] }
+	wanted := func(i int64) bool { return !s.watch.Has(first+i) && !(skipZero && allZero(page(i))) }
+	n := int64(len(b)) / wire.PageSize
+	var sent int64
+	for i := int64(0); i < n; {
+		if !wanted(i) {
+			i++
+			continue
+		}
+		e := i + 1
+		for e < n && wanted(e) {
+			e++
+		}
+		if err := s.sendLocked(op, (first+i)*wire.PageSize, b[i*wire.PageSize:e*wire.PageSize]); err != nil {
+			return sent, err
+		}
+		sent += (e - i) * wire.PageSize
+		i = e
+	}
+	return sent, nil
 }
 
 func allZero(b []byte) bool {
