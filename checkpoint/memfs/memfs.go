@@ -72,7 +72,7 @@ type Options struct {
 	// default 128 KiB, the kernel's most. A lazy restore may want less:
 	// each fault then waits for fewer bytes from the backup.
 	ReadAhead int
-	Logger   *slog.Logger
+	Logger    *slog.Logger
 }
 
 const (

@@ -21,8 +21,10 @@
 // while unprotected it discards (memfs pins every written page, nothing is
 // lost), while protected it forwards to the stream through the VM's rate
 // share. Protect connects, then copies every page memfs ever wrote back
-// (those writes were discarded), reading the RAM file with pread under the
-// sink's lock so an older copy can never overtake a newer writeback, and
+// (those writes were discarded), reading the RAM file with pread outside
+// the sink's lock but under a watch, and sending only the pages no
+// delivery touched meanwhile, so an older copy can never overtake a newer
+// writeback (holding the lock across the read deadlocks: see sink.go), and
 // commits once. A loop every 500 ms feeds the controller the bandwidth the
 // sink measures while it is the bottleneck, commits every CommitInterval,
 // reconnects a broken stream with backoff (the guest runs on meanwhile;

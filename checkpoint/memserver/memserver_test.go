@@ -203,7 +203,8 @@ func spawn(t testing.TB, cfg memserver.Config) *vm {
 }
 
 func (v *vm) cleanup(t testing.TB) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	// Generous: a shutdown flushes and unmounts, slow on a loaded machine.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	if err := v.c.Shutdown(ctx); err != nil && !errors.Is(err, memserver.ErrNotRunning) {
 		t.Errorf("shutdown: %v", err)

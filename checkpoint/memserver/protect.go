@@ -39,8 +39,8 @@ const (
 	// probeIdle: a connection that carried nothing for this long is
 	// probed, so a backup that died under an idle guest shows as such.
 	probeIdle = 2 * time.Second
-	// copyRun is the first copy's unit: one read and one send, under the
-	// sink's lock.
+	// copyRun is the first copy's unit: one read, then one send of what
+	// no delivery touched meanwhile.
 	copyRun = 1 << 20
 	// statsWait: how long Status waits for the stream's counters before
 	// it answers with the last ones seen.
@@ -76,6 +76,7 @@ type protection struct {
 	lastFailure    error // why the last reconnect failed
 	reconnects     int64
 	restorable     uint64
+	acked          uint64 // the newest epoch this protection committed
 	lastCommit     time.Time
 	lastState      State
 	win            commitWindow // since the last periodic commit
@@ -229,8 +230,8 @@ func (p *protection) stop() {
 
 // streamStats returns the stream's counters, or the last ones seen if the
 // stream does not answer within statsWait. Stats takes the stream's lock,
-// which a send blocked on a slow link or a Reconnect resending the owed
-// pages holds for long; Status must answer meanwhile. One query at a time
+// which a send blocked on a slow link holds for long; Status must answer
+// meanwhile. One query at a time
 // is outstanding.
 func (p *protection) streamStats() backupclient.Stats {
 	p.statsMu.Lock()
@@ -474,6 +475,7 @@ func (p *protection) commit(ctx context.Context, restorable bool, state []byte) 
 	}
 	p.mu.Lock()
 	p.lastCommit = time.Now()
+	p.acked = max(p.acked, e)
 	if restorable {
 		p.restorable = e
 	}
@@ -801,7 +803,9 @@ func (p *protection) fill(now time.Time, st *Status) {
 	st.Unflushed, st.Cap, st.Bandwidth, st.Bound, st.Notice = unflushed, cs.Cap, cs.Bandwidth, cs.Bound, cs.Notice
 	st.Headroom = cs.Headroom
 	st.PredictedEvacuation = cs.Bound - cs.Headroom
-	st.AckedEpoch, st.RestorableEpoch, st.LastCommit = ss.Acked, p.restorable, p.lastCommit
+	// The stream's counters may be a moment old (see streamStats); what
+	// this protection committed itself is not.
+	st.AckedEpoch, st.RestorableEpoch, st.LastCommit = max(ss.Acked, p.acked), p.restorable, p.lastCommit
 	st.Reconnects, st.BytesSent = p.reconnects, ss.BytesSent
 	copied := false
 	select {
