@@ -59,7 +59,7 @@ bench-checkpoint: provision guest
 # Lazy and full restore: fault service, residency with prefetch.
 bench-restore: provision guest
 	mkdir -p $(BUILD)
-	$(BENCH) -bench Restore ./checkpoint/bench/ 2>&1 | tee $(BUILD)/bench-restore.log | grep '^bench:'
+	$(BENCH) -bench Restore ./checkpoint/bench/ ./hostd/bench/restore/ 2>&1 | tee $(BUILD)/bench-restore.log | grep '^bench:'
 
 # Cooperative swap: NBD device over page repositories vs a local swap file.
 bench-swap: provision guest

@@ -57,7 +57,13 @@ func Spawn(ctx context.Context, exe string, args []string, cfg Config, logFile s
 		}
 		return nil, 0, fmt.Errorf("%s (pid %d): %w%s", op, pid, why, logTail(logFile, start))
 	}
-	wctx, cancel := context.WithTimeout(ctx, spawnTimeout)
+	// A full restore copies every page before the socket answers: minutes
+	// for a large guest on a slow link, bounded by ctx alone (a crash is
+	// still seen at once, through exited).
+	wctx, cancel := ctx, context.CancelFunc(func() {})
+	if cfg.Restore == nil || cfg.Restore.Mode != "full" {
+		wctx, cancel = context.WithTimeout(ctx, spawnTimeout)
+	}
 	defer cancel()
 	c := New(cfg.Socket)
 	c.setVM(cfg.VM)

@@ -134,6 +134,8 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 		}
 		if rerr := m.mem.Release(cctx, name); rerr != nil {
 			m.log.Warn("stop memory server of a failed restore", "vm", name, "err", rerr)
+		} else {
+			m.vms.RemoveFiles(name) // the restore cache is the size of the guest
 		}
 	}()
 	phase("memory", s, 0)

@@ -93,6 +93,12 @@ func (m *Manager) DiscardIncoming(ctx context.Context, name string) {
 	_ = m.st.Delete(store.BucketVMs, name)
 }
 
+// RemoveFiles removes what a failed restore left in the VM's directory
+// (its memory server must be stopped first).
+func (m *Manager) RemoveFiles(name string) {
+	m.removeVMFiles(xen.DomainSpec{Name: name, RAMPath: m.cfg.VMDir(name) + "/ram"})
+}
+
 // Resumed records that a restored VM runs: it is ready at once (its guest
 // agent was ready when it was saved).
 func (m *Manager) Resumed(name string) {

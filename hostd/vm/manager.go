@@ -198,8 +198,10 @@ func (m *Manager) makeVMDirs(s xen.DomainSpec) error {
 	return nil
 }
 
+// removeVMFiles removes the VM's directory (RAM or its mount point, serial
+// log, a memory server's config, log and restore cache) and agent socket.
 func (m *Manager) removeVMFiles(s xen.DomainSpec) {
-	for _, p := range []string{filepath.Dir(s.RAMPath), s.AgentSocket} {
+	for _, p := range []string{m.cfg.VMDir(s.Name), filepath.Dir(s.RAMPath), s.AgentSocket} {
 		if err := os.RemoveAll(p); err != nil {
 			m.log.Warn("remove VM files", "path", p, "err", err)
 		}
