@@ -74,8 +74,7 @@ type Client struct {
 
 type clientConn struct {
 	conn *tls.Conn
-	wmu  sync.Mutex
-	w    *bufio.Writer
+	frameWriter
 
 	mu      sync.Mutex
 	waiting map[uint64]chan Message
@@ -213,7 +212,7 @@ func (c *Client) dial() (*clientConn, *bufio.Reader, *Welcome, error) {
 	conn := raw.(*tls.Conn)
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
-	cc := &clientConn{conn: conn, w: bufio.NewWriterSize(conn, 64<<10), waiting: map[uint64]chan Message{}}
+	cc := &clientConn{conn: conn, frameWriter: frameWriter{w: bufio.NewWriterSize(conn, 64<<10)}, waiting: map[uint64]chan Message{}}
 	if err := cc.send(&Hello{Version: Version, Session: c.cfg.Session}); err != nil {
 		conn.Close()
 		return nil, nil, nil, fmt.Errorf("repository %s: send hello: %w", c.cfg.Addr, err)
@@ -289,18 +288,6 @@ func (c *Client) reclaim(cc *clientConn, m *Reclaim) {
 	}
 }
 
-func (cc *clientConn) send(m Message) error {
-	b, err := AppendFrame(nil, m)
-	if err != nil {
-		return err
-	}
-	cc.wmu.Lock()
-	defer cc.wmu.Unlock()
-	if _, err := cc.w.Write(b); err != nil {
-		return err
-	}
-	return cc.w.Flush()
-}
 
 func (cc *clientConn) fail(err error) {
 	cc.conn.Close()

@@ -232,8 +232,7 @@ type srvConn struct {
 	log  *slog.Logger
 	sess *session
 
-	wmu sync.Mutex
-	w   *bufio.Writer
+	frameWriter
 
 	rmu      sync.Mutex
 	reclaims map[uint64]chan uint64
@@ -254,7 +253,7 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 
-	sc := &srvConn{s: s, conn: conn, log: log, w: bufio.NewWriterSize(conn, 64<<10), reclaims: map[uint64]chan uint64{}}
+	sc := &srvConn{s: s, conn: conn, log: log, frameWriter: frameWriter{w: bufio.NewWriterSize(conn, 64<<10)}, reclaims: map[uint64]chan uint64{}}
 	r := bufio.NewReaderSize(conn, 64<<10)
 	conn.SetReadDeadline(time.Now().Add(s.opts.HandshakeTimeout))
 	m, err := ReadFrame(r)
@@ -483,18 +482,7 @@ func (sc *srvConn) free(m *Free) Message {
 	return &Freed{ID: m.ID, Available: uint64(avail * PageSize), N: uint16(len(slots))}
 }
 
-func (sc *srvConn) send(m Message) error {
-	b, err := AppendFrame(nil, m)
-	if err != nil {
-		return err
-	}
-	sc.wmu.Lock()
-	defer sc.wmu.Unlock()
-	if _, err := sc.w.Write(b); err != nil {
-		return err
-	}
-	return sc.w.Flush()
-}
+
 
 // fatal tells the client why the connection ends, and lets it read that
 // before the close (closing with its frames unread would reset instead).

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"unicode/utf8"
 )
 
@@ -396,4 +397,24 @@ func ReadFrame(r *bufio.Reader) (Message, error) {
 		return nil, fmt.Errorf("read frame body: %w", err)
 	}
 	return Decode(body)
+}
+
+// frameWriter sends whole frames on a connection; both ends embed it, and
+// any goroutine may send (a frame is never interleaved with another).
+type frameWriter struct {
+	wmu sync.Mutex
+	w   *bufio.Writer
+}
+
+func (f *frameWriter) send(m Message) error {
+	b, err := AppendFrame(nil, m)
+	if err != nil {
+		return err
+	}
+	f.wmu.Lock()
+	defer f.wmu.Unlock()
+	if _, err := f.w.Write(b); err != nil {
+		return err
+	}
+	return f.w.Flush()
 }
