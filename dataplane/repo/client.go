@@ -288,7 +288,6 @@ func (c *Client) reclaim(cc *clientConn, m *Reclaim) {
 	}
 }
 
-
 func (cc *clientConn) fail(err error) {
 	cc.conn.Close()
 	cc.mu.Lock()

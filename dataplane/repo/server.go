@@ -482,8 +482,6 @@ func (sc *srvConn) free(m *Free) Message {
 	return &Freed{ID: m.ID, Available: uint64(avail * PageSize), N: uint16(len(slots))}
 }
 
-
-
 // fatal tells the client why the connection ends, and lets it read that
 // before the close (closing with its frames unread would reset instead).
 func (sc *srvConn) fatal(code ErrorCode, msg string) {

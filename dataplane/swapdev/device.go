@@ -297,7 +297,7 @@ type missedPage struct {
 func (d *Device) readPages(ctx context.Context, p0 int, buf []byte) ([]missedPage, error) {
 	n := len(buf) / PageSize
 	type want struct {
-		idx []int
+		idx  []int
 		caps []repo.Cap
 	}
 	remote := map[int8]*want{}

@@ -51,9 +51,9 @@ func (h *histogram) snapshot() Histogram {
 
 type stats struct {
 	reads, writes, trims, flushes, errors atomic.Uint64
-	readBytes, writeBytes                atomic.Uint64
-	pagesRemote, pagesLocal, pagesQueue  atomic.Uint64 // pages read from each place
-	remoteErrors, reclaimed              atomic.Uint64
+	readBytes, writeBytes                 atomic.Uint64
+	pagesRemote, pagesLocal, pagesQueue   atomic.Uint64 // pages read from each place
+	remoteErrors, reclaimed               atomic.Uint64
 
 	remote, local atomic.Int64      // pages placed now
 	perRepo       [100]atomic.Int64 // pages placed now, per repository
