@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"hostd/checkpoint/backup"
+	"hostd/checkpoint/backup/backuptest"
 	"hostd/checkpoint/backupclient"
 	"hostd/checkpoint/backupstore"
 	"hostd/checkpoint/memfs"
@@ -33,70 +32,6 @@ func TestMain(m *testing.M) {
 }
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
-
-// backupEnv is a PKI and an in-process backup server on loopback that can
-// be stopped and started again on the same address, on the same store or
-// on a new, empty one (a backup that lost everything).
-type backupEnv struct {
-	pki, store, addr string
-	stop             func()
-}
-
-func newBackup(t *testing.T) *backupEnv {
-	e := &backupEnv{pki: t.TempDir(), store: t.TempDir()}
-	if err := pki.Generate(e.pki, pki.Spec{ServerNames: []string{"127.0.0.1", "localhost"}, Hosts: []string{"host1"}}); err != nil {
-		t.Fatal(err)
-	}
-	e.start(t, "127.0.0.1:0")
-	t.Cleanup(e.down)
-	return e
-}
-
-func (e *backupEnv) start(t *testing.T, addr string) {
-	st, err := backupstore.Open(e.store, backupstore.Options{Logger: quiet()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tc, err := pki.DirServerConfig(e.pki)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := backup.New(st, tc, backup.Options{Logger: quiet(), HandshakeTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ln net.Listener
-	for i := 0; i < 50; i++ { // the old listener's port may take a moment
-		if ln, err = net.Listen("tcp", addr); err == nil {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if err != nil {
-		st.Close()
-		t.Fatal(err)
-	}
-	e.addr = ln.Addr().String()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		srv.Serve(ctx, ln)
-	}()
-	e.stop = func() {
-		cancel()
-		<-done
-		st.Close()
-	}
-}
-
-// down stops the server, closing every session; idempotent.
-func (e *backupEnv) down() {
-	if e.stop != nil {
-		e.stop()
-		e.stop = nil
-	}
-}
 
 // ramFile is the stream's Source as the memory server gives it: the RAM
 // file read by path, opened for each read. The close matters: closing a
@@ -159,15 +94,15 @@ func TestReconnectWhileGuestWrites(t *testing.T) {
 	)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	e := newBackup(t)
-	tc, err := pki.DirClientConfig(e.pki, "host1", "127.0.0.1")
+	e := backuptest.New(t)
+	tc, err := pki.DirClientConfig(e.PKI, "host1", "127.0.0.1")
 	if err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
 	ram := ramFile{path: filepath.Join(dir, "ram")}
 	s, err := backupclient.Open(ctx, backupclient.Config{
-		Addr: e.addr, TLS: tc, VMID: "vm1", ImageSize: size, Source: ram, Logger: quiet(), DialTimeout: 10 * time.Second,
+		Addr: e.Addr, TLS: tc, VMID: "vm1", ImageSize: size, Source: ram, Logger: quiet(), DialTimeout: 10 * time.Second,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -248,16 +183,16 @@ func TestReconnectWhileGuestWrites(t *testing.T) {
 			t.Logf("break %d: commit before: %v", i, err)
 		}
 		settle()
-		e.down()
+		e.Down()
 		what := fmt.Sprintf("break %d (backup restarted)", i)
 		if i%2 == 1 {
 			// The backup comes back without anything: it lost epochs it
 			// had acknowledged, and every page goes again.
-			e.store = t.TempDir()
+			e.Store = t.TempDir()
 			what = fmt.Sprintf("break %d (backup lost its store)", i)
 		}
 		settle() // deliveries fail and are owed while the backup is away
-		e.start(t, e.addr)
+		e.Start(t, e.Addr)
 		reconnect(what)
 		if i < breaks-1 {
 			settle()
@@ -299,8 +234,8 @@ func TestReconnectWhileGuestWrites(t *testing.T) {
 	}
 	unmount()
 	s.Close()
-	e.down()
-	st, err := backupstore.Open(e.store, backupstore.Options{Logger: quiet()})
+	e.Down()
+	st, err := backupstore.Open(e.Store, backupstore.Options{Logger: quiet()})
 	if err != nil {
 		t.Fatal(err)
 	}

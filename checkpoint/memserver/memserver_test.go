@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -22,7 +21,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"hostd/checkpoint/backup"
+	"hostd/checkpoint/backup/backuptest"
 	"hostd/checkpoint/backupstore"
 	"hostd/checkpoint/bdi"
 	"hostd/checkpoint/memfs/memfstest"
@@ -58,73 +57,17 @@ func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)
 
 // backupEnv is a PKI, a store directory and an in-process backup server on
 // loopback that can be stopped and started again on the same address.
-type backupEnv struct {
-	pki, store, addr string
-	stop             func()
-}
+type backupEnv struct{ *backuptest.Server }
 
-func newBackup(t testing.TB) *backupEnv {
-	e := &backupEnv{pki: t.TempDir(), store: t.TempDir()}
-	if err := pki.Generate(e.pki, pki.Spec{ServerNames: []string{"127.0.0.1", "localhost"}, Hosts: []string{"host1"}}); err != nil {
-		t.Fatal(err)
-	}
-	e.start(t, "127.0.0.1:0")
-	t.Cleanup(func() { e.down() })
-	return e
-}
-
-func (e *backupEnv) start(t testing.TB, addr string) {
-	st, err := backupstore.Open(e.store, backupstore.Options{Logger: quiet()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tc, err := pki.DirServerConfig(e.pki)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := backup.New(st, tc, backup.Options{Logger: quiet(), HandshakeTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ln net.Listener
-	for i := 0; i < 50; i++ { // the old listener's port may take a moment
-		if ln, err = net.Listen("tcp", addr); err == nil {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.addr = ln.Addr().String()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		srv.Serve(ctx, ln)
-	}()
-	e.stop = func() {
-		cancel()
-		<-done
-		st.Close()
-	}
-}
-
-// down stops the server (closing every session); idempotent.
-func (e *backupEnv) down() {
-	if e.stop != nil {
-		e.stop()
-		e.stop = nil
-	}
-}
+func newBackup(tb testing.TB) *backupEnv { return &backupEnv{backuptest.New(tb)} }
 
 func (e *backupEnv) protection(bound time.Duration) memserver.Protection {
 	return memserver.Protection{
-		Backup: e.addr,
+		Backup: e.Addr,
 		TLS: memserver.TLSFiles{
-			CA:   filepath.Join(e.pki, pki.CACert),
-			Cert: filepath.Join(e.pki, pki.ClientCert("host1")),
-			Key:  filepath.Join(e.pki, pki.ClientKey("host1")),
+			CA:   filepath.Join(e.PKI, pki.CACert),
+			Cert: filepath.Join(e.PKI, pki.ClientCert("host1")),
+			Key:  filepath.Join(e.PKI, pki.ClientKey("host1")),
 		},
 		Bound: bound,
 	}
@@ -134,7 +77,7 @@ func (e *backupEnv) protection(bound time.Duration) memserver.Protection {
 // and its device state with state. The server must be down.
 func (e *backupEnv) checkImage(t *testing.T, id string, ram []byte, state string) {
 	t.Helper()
-	st, err := backupstore.Open(e.store, backupstore.Options{Logger: quiet()})
+	st, err := backupstore.Open(e.Store, backupstore.Options{Logger: quiet()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -380,7 +323,7 @@ func TestRestoreLazyAndProtectAgain(t *testing.T) {
 	src.cleanup(t)
 
 	cfg := testConfig(t, "vm-dst", size)
-	cfg.Restore = &memserver.Restore{Backup: e.addr, ID: "vm-x", TLS: prot.TLS, Mode: "lazy"}
+	cfg.Restore = &memserver.Restore{Backup: e.Addr, ID: "vm-x", TLS: prot.TLS, Mode: "lazy"}
 	dst := spawn(t, cfg)
 	state, err := dst.c.RestoreState(ctx)
 	if err != nil || string(state) != "state of vm-x" {
@@ -421,7 +364,7 @@ func TestRestoreLazyAndProtectAgain(t *testing.T) {
 	}
 	ram := dst.readRAM(t)
 	dst.cleanup(t)
-	e.down()
+	e.Down()
 	e.checkImage(t, "vm-x", ram, "state 2")
 }
 
@@ -441,7 +384,7 @@ func TestProtectCopySyncCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := v.waitState(t, memserver.StateProtected, 20*time.Second)
-	if st.CopyTotal == 0 || st.CopyDone != st.CopyTotal || st.AckedEpoch == 0 || st.Backup != e.addr || st.ID != "vm-p" {
+	if st.CopyTotal == 0 || st.CopyDone != st.CopyTotal || st.AckedEpoch == 0 || st.Backup != e.Addr || st.ID != "vm-p" {
 		t.Fatalf("after the first copy: %+v", st)
 	}
 	t.Logf("first copy: %d bytes; cap %d, bandwidth %.1f MB/s, headroom %v", st.CopyTotal, st.Cap, st.Bandwidth/1e6, st.Headroom)
@@ -468,7 +411,7 @@ func TestProtectCopySyncCommit(t *testing.T) {
 	if !bytes.Equal(ram, want) {
 		t.Fatal("RAM file does not hold what the writers wrote")
 	}
-	e.down()
+	e.Down()
 	e.checkImage(t, "vm-p", ram, "device state of vm-p")
 }
 
@@ -529,7 +472,7 @@ func TestSetRate(t *testing.T) {
 		t.Fatal(err)
 	}
 	ram := v.readRAM(t)
-	e.down()
+	e.Down()
 	e.checkImage(t, "vm-rate", ram, "s")
 }
 
@@ -560,9 +503,9 @@ func TestBackupRestart(t *testing.T) {
 		done <- result{r, err}
 	}()
 	time.Sleep(300 * time.Millisecond)
-	addr := e.addr
+	addr := e.Addr
 	midStream := len(done) == 0
-	e.down()
+	e.Down()
 	r := <-done
 	if r.err != nil {
 		t.Fatalf("writer with the backup down: %v", r.err)
@@ -574,7 +517,7 @@ func TestBackupRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	t0 := time.Now()
-	e.start(t, addr)
+	e.Start(t, addr)
 	st = v.waitState(t, memserver.StateProtected, 20*time.Second)
 	if st.Reconnects < 1 {
 		t.Fatalf("protected again without a reconnect: %+v", st)
@@ -587,7 +530,7 @@ func TestBackupRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	ram := v.readRAM(t)
-	e.down()
+	e.Down()
 	e.checkImage(t, "vm-b", ram, "after restart")
 }
 
@@ -602,11 +545,11 @@ func TestIdleBackupLoss(t *testing.T) {
 		t.Fatal(err)
 	}
 	v.waitState(t, memserver.StateProtected, 20*time.Second)
-	addr := e.addr
-	e.down()
+	addr := e.Addr
+	e.Down()
 	st := v.waitState(t, memserver.StateDegraded, 15*time.Second)
 	t.Logf("idle guest, backup gone: %s", st.Reason)
-	e.start(t, addr)
+	e.Start(t, addr)
 	v.waitState(t, memserver.StateProtected, 20*time.Second)
 }
 
@@ -692,7 +635,7 @@ func TestBadInputs(t *testing.T) {
 		t.Fatal(err)
 	}
 	ram := v.readRAM(t)
-	e.down()
+	e.Down()
 	e.checkImage(t, "vm-bad", ram, "again")
 }
 
