@@ -87,14 +87,20 @@ func protectAndWait(t *testing.T, ctx context.Context, c *client.Client, name st
 func evacuate(t *testing.T, ctx context.Context, c *client.Client, name string, req protect.EvacuateRequest) protect.Report {
 	t.Helper()
 	j, err := c.Evacuate(ctx, name, req)
+	return awaitReport[protect.Report](t, ctx, c, "evacuation", j, err)
+}
+
+// awaitReport waits for a job (as its start returned it) to succeed and
+// decodes its report.
+func awaitReport[T any](t *testing.T, ctx context.Context, c *client.Client, what string, j jobs.Job, err error) T {
+	t.Helper()
 	if err != nil {
-		t.Fatalf("evacuate: %v", err)
+		t.Fatalf("start %s: %v", what, err)
 	}
-	j, err = c.WaitJob(ctx, j.ID)
-	if err != nil || j.State != jobs.Succeeded {
-		t.Fatalf("evacuation job: %v %+v", err, j)
+	if j, err = c.WaitJob(ctx, j.ID); err != nil || j.State != jobs.Succeeded {
+		t.Fatalf("%s job: %v %+v", what, err, j)
 	}
-	var rep protect.Report
+	var rep T
 	if err := remarshal(j.Report, &rep); err != nil {
 		t.Fatal(err)
 	}

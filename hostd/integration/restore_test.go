@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"fmt"
 	"os/exec"
 	"testing"
 	"time"
@@ -9,7 +10,6 @@ import (
 	"hostd/hostd/client"
 	"hostd/hostd/config"
 	"hostd/hostd/hostdtest"
-	"hostd/hostd/jobs"
 	"hostd/hostd/protect"
 	"hostd/images/guest/agentapi"
 	"hostd/images/guest/agentclient"
@@ -18,17 +18,7 @@ import (
 func restoreAndWait(t *testing.T, ctx context.Context, c *client.Client, req protect.RestoreRequest) protect.RestoreReport {
 	t.Helper()
 	j, err := c.Restore(ctx, req)
-	if err != nil {
-		t.Fatalf("restore %s as %s: %v", req.ID, req.Name, err)
-	}
-	if j, err = c.WaitJob(ctx, j.ID); err != nil || j.State != jobs.Succeeded {
-		t.Fatalf("restore job: %v %+v", err, j)
-	}
-	var rep protect.RestoreReport
-	if err := remarshal(j.Report, &rep); err != nil {
-		t.Fatal(err)
-	}
-	return rep
+	return awaitReport[protect.RestoreReport](t, ctx, c, fmt.Sprintf("restore of %s as %s", req.ID, req.Name), j, err)
 }
 
 // checkRestored dials a restored guest's agent: the finished region's
