@@ -319,19 +319,10 @@ func (m *Manager) evacuate(ctx context.Context, rec Record, req EvacuateRequest,
 // saveDeviceState has QEMU write the paused VM's device state (RAM is
 // shared and skipped, x-ignore-shared) into a memfd and returns it.
 func (m *Manager) saveDeviceState(ctx context.Context, name string) ([]byte, error) {
-	mon := m.hv.Monitor()
-	if mon == nil {
-		return nil, fmt.Errorf("save device state: %w: this hypervisor has no QEMU monitor", xen.ErrUnavailable)
-	}
-	q := qemu.New(mon)
-	if err := q.SetMigrationCapabilities(ctx, name, map[string]bool{"x-ignore-shared": true}); err != nil {
-		return nil, fmt.Errorf("save device state: %w", err)
-	}
-	fd, err := unix.MemfdCreate("hostd-state-"+name, unix.MFD_CLOEXEC)
+	q, f, err := m.migration(ctx, "save device state", name)
 	if err != nil {
-		return nil, fmt.Errorf("save device state: memfd: %w", err)
+		return nil, err
 	}
-	f := os.NewFile(uintptr(fd), "state")
 	defer f.Close()
 	if _, err := q.SaveDeviceState(ctx, name, f); err != nil {
 		return nil, err
@@ -345,6 +336,25 @@ func (m *Manager) saveDeviceState(ctx context.Context, name string) ([]byte, err
 		return nil, fmt.Errorf("save device state: read back: %w", err)
 	}
 	return b, nil
+}
+
+// migration prepares what both directions of device state need: QEMU's
+// monitor with x-ignore-shared set (the guest's RAM is the shared file,
+// never part of the stream; both sides must agree) and a memfd to pass it.
+func (m *Manager) migration(ctx context.Context, op, name string) (*qemu.Client, *os.File, error) {
+	mon := m.hv.Monitor()
+	if mon == nil {
+		return nil, nil, fmt.Errorf("%s: %w: this hypervisor has no QEMU monitor", op, xen.ErrUnavailable)
+	}
+	q := qemu.New(mon)
+	if err := q.SetMigrationCapabilities(ctx, name, map[string]bool{"x-ignore-shared": true}); err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", op, err)
+	}
+	fd, err := unix.MemfdCreate("hostd-state-"+name, unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: memfd: %w", op, err)
+	}
+	return q, os.NewFile(uintptr(fd), "state"), nil
 }
 
 // Notice handles a termination notice: the event goes out, and every

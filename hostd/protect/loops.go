@@ -46,17 +46,10 @@ func (m *Manager) startEpochs(r Record) {
 				return
 			case <-t.C:
 			}
-			rep, err := m.Epoch(ctx, r.VM)
-			if err != nil {
-				if ctx.Err() == nil {
-					m.log.Warn("crash-consistent epoch failed; the last restore point stands", "vm", r.VM, "err", err)
-					m.ev.Publish(events.Event{Type: "protection.epoch_failed", VM: r.VM, Data: map[string]string{"error": err.Error()}})
-				}
-				continue
+			if _, err := m.Epoch(ctx, r.VM); err != nil && ctx.Err() == nil {
+				m.log.Warn("crash-consistent epoch failed; the last restore point stands", "vm", r.VM, "err", err)
+				m.ev.Publish(events.Event{Type: "protection.epoch_failed", VM: r.VM, Data: map[string]string{"error": err.Error()}})
 			}
-			m.mu.Lock()
-			m.pauses[r.VM] = time.Duration(rep.PauseMS * float64(time.Millisecond))
-			m.mu.Unlock()
 		}
 	}()
 }

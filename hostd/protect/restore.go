@@ -3,10 +3,7 @@ package protect
 import (
 	"context"
 	"fmt"
-	"os"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"hostd/checkpoint/backupclient"
 	"hostd/checkpoint/memserver"
@@ -14,8 +11,6 @@ import (
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/vm"
-	"hostd/xen"
-	"hostd/xen/qemu"
 )
 
 // RestoreRequest is the body of POST /v1/vms/restore.
@@ -237,19 +232,10 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 
 // loadDeviceState feeds QEMU (waiting in inmigrate) the saved state.
 func (m *Manager) loadDeviceState(ctx context.Context, name string, state []byte) error {
-	mon := m.hv.Monitor()
-	if mon == nil {
-		return fmt.Errorf("load device state: %w: this hypervisor has no QEMU monitor", xen.ErrUnavailable)
-	}
-	q := qemu.New(mon)
-	if err := q.SetMigrationCapabilities(ctx, name, map[string]bool{"x-ignore-shared": true}); err != nil {
-		return fmt.Errorf("load device state: %w", err)
-	}
-	fd, err := unix.MemfdCreate("hostd-restore-"+name, unix.MFD_CLOEXEC)
+	q, f, err := m.migration(ctx, "load device state", name)
 	if err != nil {
-		return fmt.Errorf("load device state: memfd: %w", err)
+		return err
 	}
-	f := os.NewFile(uintptr(fd), "state")
 	defer f.Close()
 	if _, err := f.Write(state); err != nil {
 		return fmt.Errorf("load device state: %w", err)

@@ -2,7 +2,6 @@ package vm
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -50,14 +49,8 @@ func (m *Manager) CreateIncoming(ctx context.Context, saved xen.DomainSpec, name
 		return VM{}, fmt.Errorf("%s: %w", op, err)
 	}
 	undo := func() {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		defer cancel()
-		if err := m.hv.Destroy(cctx, name); err != nil && !errors.Is(err, xen.ErrNotFound) {
-			m.log.Error("cleanup after failed restore: destroy", "vm", name, "err", err)
-		}
-		if err := m.hv.Undefine(cctx, name); err != nil && !errors.Is(err, xen.ErrNotFound) {
-			m.log.Error("cleanup after failed restore: undefine", "vm", name, "err", err)
-		}
+		_, cancel := m.removeDomain(ctx, name, "failed restore")
+		cancel()
 	}
 	if err := m.hv.Define(ctx, spec); err != nil {
 		return VM{}, fmt.Errorf("%s: %w", op, err)
@@ -85,11 +78,8 @@ func (m *Manager) CreateIncoming(ctx context.Context, saved xen.DomainSpec, name
 func (m *Manager) DiscardIncoming(ctx context.Context, name string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for _, f := range []func(context.Context, string) error{m.hv.Destroy, m.hv.Undefine} {
-		if err := f(ctx, name); err != nil && !errors.Is(err, xen.ErrNotFound) {
-			m.log.Error("discard failed restore", "vm", name, "err", err)
-		}
-	}
+	_, cancel := m.removeDomain(ctx, name, "failed restore")
+	cancel()
 	_ = m.st.Delete(store.BucketVMs, name)
 }
 

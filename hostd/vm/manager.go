@@ -103,15 +103,8 @@ func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
 		spec.RAMPath = p
 	}
 	undo := func() {
-		// Clean up with a fresh context: the request's may be what failed.
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		cctx, cancel := m.removeDomain(ctx, spec.Name, "failed create")
 		defer cancel()
-		if err := m.hv.Destroy(cctx, spec.Name); err != nil && !errors.Is(err, xen.ErrNotFound) {
-			m.log.Error("cleanup after failed create: destroy", "vm", spec.Name, "err", err)
-		}
-		if err := m.hv.Undefine(cctx, spec.Name); err != nil && !errors.Is(err, xen.ErrNotFound) {
-			m.log.Error("cleanup after failed create: undefine", "vm", spec.Name, "err", err)
-		}
 		m.releaseMemory(cctx, spec.Name, req.ServedMemory)
 		m.removeVMFiles(spec)
 	}
@@ -177,6 +170,20 @@ func (m *Manager) spec(r Request) xen.DomainSpec {
 		SerialLog:   filepath.Join(dir, "serial.log"),
 		AgentSocket: filepath.Join(m.cfg.RunDir, "agents", r.Name+".sock"),
 	}
+}
+
+// removeDomain destroys and undefines a domain after a failure (why), with
+// a fresh context: the request's may be what failed. It returns that
+// context for the rest of the clean-up.
+func (m *Manager) removeDomain(ctx context.Context, name, why string) (context.Context, context.CancelFunc) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	if err := m.hv.Destroy(cctx, name); err != nil && !errors.Is(err, xen.ErrNotFound) {
+		m.log.Error("clean-up after "+why+": destroy", "vm", name, "err", err)
+	}
+	if err := m.hv.Undefine(cctx, name); err != nil && !errors.Is(err, xen.ErrNotFound) {
+		m.log.Error("clean-up after "+why+": undefine", "vm", name, "err", err)
+	}
+	return cctx, cancel
 }
 
 // releaseMemory stops a VM's memory server once QEMU is gone.
