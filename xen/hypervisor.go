@@ -41,6 +41,11 @@ type Hypervisor interface {
 	// Destroy stops a domain at once (power cut). Stopping a stopped domain
 	// is not an error.
 	Destroy(ctx context.Context, name string) error
+	// ClearIncoming redefines a domain defined with Incoming without it: a
+	// running (restored) domain runs on unchanged, its next Start boots the
+	// guest cold instead of waiting for a migration that never comes. A
+	// domain without Incoming is left alone.
+	ClearIncoming(ctx context.Context, name string) error
 	// Undefine removes a stopped domain's definition.
 	Undefine(ctx context.Context, name string) error
 	// Suspend and Resume pause and continue a running domain's vCPUs.

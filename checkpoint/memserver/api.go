@@ -17,6 +17,12 @@ type Config struct {
 	// Restore, if set, serves pages the file does not hold yet from a
 	// backup's restore point instead of zeros (the restore issue).
 	Restore *Restore `json:"restore,omitempty"`
+	// Slot starts a warm slot: zero pages, no restore yet, until Claim
+	// names the restore point it serves from then on (Restore must be
+	// unset). A QEMU waiting for an incoming state maps the file
+	// meanwhile; if anything read or wrote a page before the claim, the
+	// claim is refused: those pages would shadow the restore point's.
+	Slot bool `json:"slot,omitempty"`
 	// LogLevel: debug | info | warn | error (JSON logs on stderr).
 	LogLevel string `json:"log_level,omitempty"`
 }
@@ -56,6 +62,10 @@ type Restore struct {
 	// prefetcher; "full": every page is copied before Start returns.
 	Mode         string  `json:"mode"`
 	PrefetchRate float64 `json:"prefetch_rate,omitempty"` // bytes/s; 0 = unlimited
+	// DeferPrefetch holds a lazy restore's prefetcher until StartPrefetch
+	// (hostd calls it at the guest's resume): started at once, it competes
+	// for the CPUs with QEMU's start and the device-state load.
+	DeferPrefetch bool `json:"defer_prefetch,omitempty"`
 }
 
 // State names a memory server's protection state.
@@ -101,6 +111,9 @@ type Status struct {
 	Reconnects       int64     `json:"reconnects"`
 	BytesSent        int64     `json:"bytes_sent"`
 	BytesWrittenBack int64     `json:"bytes_written_back"`
+
+	// Slot: a warm slot not claimed yet.
+	Slot bool `json:"slot,omitempty"`
 
 	// Restore progress (zero unless started with Restore).
 	Resident      int64 `json:"resident"`       // bytes in the page cache or known zero

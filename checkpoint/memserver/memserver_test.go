@@ -368,6 +368,92 @@ func TestRestoreLazyAndProtectAgain(t *testing.T) {
 	e.checkImage(t, "vm-x", ram, "state 2")
 }
 
+// TestSlotClaim: a warm slot (started empty) claimed for a restore point
+// serves exactly the checkpointed memory, its prefetch held until
+// StartPrefetch; a second claim, a claim of a server that is no slot and
+// a claim of a slot whose file was read before are refused.
+func TestSlotClaim(t *testing.T) {
+	needRoot(t)
+	const size = 16 << 20
+	e := newBackup(t)
+	src := spawn(t, testConfig(t, "vm-ssrc", size))
+	ctx := ctxFor(t, 90*time.Second)
+	if _, err := memfstest.Run(ctx, memfstest.Spec{Path: src.ramPath(), Size: size, Mode: "scribble", Seed: 7, Count: 2000}); err != nil {
+		t.Fatal(err)
+	}
+	prot := e.protection(30 * time.Second)
+	prot.ID = "vm-s"
+	if err := src.c.Protect(ctx, prot); err != nil {
+		t.Fatal(err)
+	}
+	src.waitState(t, memserver.StateProtected, 20*time.Second)
+	if _, err := src.c.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cr, err := src.c.Commit(ctx, []byte("state of vm-s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := src.readRAM(t)
+	rc := memserver.Restore{Backup: e.Addr, ID: "vm-s", TLS: prot.TLS, Mode: "lazy", DeferPrefetch: true}
+	if err := src.c.Claim(ctx, rc); !isConflict(err) {
+		t.Fatalf("claim of a memory server that is no slot: %v", err)
+	}
+	src.cleanup(t)
+
+	cfg := testConfig(t, "slot-a", size)
+	cfg.Slot = true
+	slot := spawn(t, cfg)
+	if st := slot.status(t); !st.Slot || st.Restore != nil {
+		t.Fatalf("unclaimed slot status %+v", st)
+	}
+	if err := slot.c.Claim(ctx, rc); err != nil {
+		t.Fatal(err)
+	}
+	if st := slot.status(t); st.Slot || st.Restore == nil || st.Restore.Epoch != cr.Epoch {
+		t.Fatalf("claimed slot status %+v", st)
+	}
+	if err := slot.c.Claim(ctx, rc); !isConflict(err) {
+		t.Fatalf("second claim: %v", err)
+	}
+	state, err := slot.c.RestoreState(ctx)
+	if err != nil || string(state) != "state of vm-s" {
+		t.Fatalf("restore state %q: %v", state, err)
+	}
+	if err := slot.c.StartPrefetch(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var st memserver.Status
+	for i := 0; i < 400; i++ {
+		if st = slot.status(t); st.FullyResident {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !st.FullyResident {
+		t.Fatalf("the started prefetch never made the slot resident: %+v", st)
+	}
+	if got := slot.readRAM(t); !bytes.Equal(got, want) {
+		t.Fatal("the claimed slot's RAM file differs from the checkpointed one")
+	}
+	slot.cleanup(t)
+
+	cfg = testConfig(t, "slot-b", size)
+	cfg.Slot = true
+	touched := spawn(t, cfg)
+	touched.readRAM(t)
+	err = touched.c.Claim(ctx, rc)
+	if !isConflict(err) || !strings.Contains(err.Error(), "touched") {
+		t.Fatalf("claim of a slot read before: %v", err)
+	}
+	touched.cleanup(t)
+}
+
+func isConflict(err error) bool {
+	var me *memserver.Error
+	return errors.As(err, &me) && me.StatusCode == 409
+}
+
 // TestProtectCopySyncCommit: pages written before protection (discarded
 // then) must reach the backup by the first copy; pages written after by
 // the stream; Sync + Commit make a restore point equal to the RAM file.

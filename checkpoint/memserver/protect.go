@@ -167,12 +167,12 @@ func (s *server) protect(ctx context.Context, p Protection) error {
 	// every page must be sent, zeros included, or stale pages would stay.
 	committed := stream.Stats().Acked
 	full := committed > 0
-	if s.restore != nil {
+	if rs := s.restoring(); rs != nil {
 		// A restored server's unwritten pages are the restore point's:
 		// protected again to that same image at that same epoch, only
 		// what the guest wrote since is new (no recopy); to anything
 		// else, every page must go.
-		full = !s.restore.sameRestorePoint(p.Backup, p.ID, committed)
+		full = !rs.sameRestorePoint(p.Backup, p.ID, committed)
 	}
 	s.mu.Lock()
 	s.prot = pr
@@ -414,7 +414,7 @@ func (p *protection) copyRun(first, n int64, buf []byte, full bool) error {
 	s.sink.mu.Unlock()
 
 	var rerr error
-	if full && s.restore == nil && !anyWritten(s.fs.Written(), first, n) {
+	if full && s.restoring() == nil && !anyWritten(s.fs.Written(), first, n) {
 		// Never written back: zeros, and no reason to fault the pages
 		// into the page cache through FUSE just to read them.
 		clear(buf)

@@ -2,6 +2,8 @@ package memserver
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -9,6 +11,7 @@ import (
 	"path/filepath"
 	"sync"
 
+	"hostd/checkpoint/memfs"
 	"hostd/checkpoint/pki"
 	"hostd/checkpoint/restore"
 )
@@ -17,7 +20,12 @@ import (
 // the largest (hundreds of KiB for a small guest).
 const maxAnswer = 64 << 20
 
-const pathRestoreState = "/v1/restore/state"
+// Paths of the restore part of the control API.
+const (
+	pathRestoreState    = "/v1/restore/state"
+	pathRestoreClaim    = "/v1/restore/claim"
+	pathRestorePrefetch = "/v1/restore/prefetch"
+)
 
 // restoring is a memory server started from a backup's restore point: its
 // memfs Source is the Restorer, which fetches what the cache file lacks.
@@ -100,16 +108,137 @@ func (rs *restoring) sameRestorePoint(backup, id string, committed uint64) bool 
 	return rs != nil && rs.cfg.Backup == backup && rs.cfg.ID == id && committed == rs.r.Epoch()
 }
 
-func (s *server) restoreRoutes(mux *http.ServeMux) {
+// restoring returns the restore this server serves from, if any.
+func (s *server) restoring() *restoring {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.restore
+}
+
+// startPrefetch starts a lazy restore's prefetcher once.
+func (s *server) startPrefetch() {
+	s.mu.Lock()
+	rs, started := s.restore, s.prefetching
+	s.prefetching = true
+	s.mu.Unlock()
+	if rs == nil || started || rs.cfg.Mode != "lazy" {
+		return
+	}
+	s.log.Info("restore prefetch started")
+	go func() {
+		if err := rs.r.Run(s.ctx, s.fs); err != nil && s.ctx.Err() == nil {
+			s.log.Error("restore prefetcher", "err", err)
+		}
+	}()
+}
+
+// slotSource is a warm slot's Source: zeros until the claim switches it to
+// the restore point's (nothing should read before; claim checks).
+type slotSource struct {
+	mu  sync.RWMutex
+	src memfs.Source
+}
+
+func (ss *slotSource) ReadPages(ctx context.Context, off int64, p []byte) error {
+	ss.mu.RLock()
+	src := ss.src
+	ss.mu.RUnlock()
+	return src.ReadPages(ctx, off, p)
+}
+
+func (ss *slotSource) set(src memfs.Source) {
+	ss.mu.Lock()
+	ss.src = src
+	ss.mu.Unlock()
+}
+
+// claim makes a warm slot serve a restore point: the restore is opened
+// (and in full mode copied) as a server started with it would, then the
+// mount's Source switches to it. A slot whose file was read or written
+// already is refused and stays unusable: the kernel may hold those pages,
+// which would shadow the restore point's.
+func (s *server) claim(ctx context.Context, rc Restore) error {
+	op := "claim slot " + s.cfg.VM
+	if err := s.lockOp(op); err != nil {
+		return err
+	}
+	defer s.opMu.Unlock()
+	if s.slot == nil {
+		return conflict(fmt.Errorf("%s: this memory server is not a warm slot", op))
+	}
+	if s.restoring() != nil {
+		return conflict(fmt.Errorf("%s: the slot is claimed already", op))
+	}
+	if st := s.fs.Stats(); st.Reads > 0 || st.Writes > 0 {
+		return conflict(fmt.Errorf("%s: %w (%d reads, %d writes before the claim); restore cold instead", op, ErrSlotTouched, st.Reads, st.Writes))
+	}
+	cfg := s.cfg
+	cfg.Restore = &rc
+	rs, err := openRestore(ctx, cfg, s.log)
+	if err != nil {
+		return badGateway(fmt.Errorf("%s: %w", op, err))
+	}
+	s.slot.set(rs.r.Source())
+	s.mu.Lock()
+	s.restore = rs
+	s.mu.Unlock()
+	if st := s.fs.Stats(); st.Reads > 0 || st.Writes > 0 {
+		// Touched while the restore opened: too late to undo the switch;
+		// the caller destroys the slot.
+		return conflict(fmt.Errorf("%s: %w (%d reads, %d writes during the claim); restore cold instead", op, ErrSlotTouched, st.Reads, st.Writes))
+	}
+	s.log.Info("slot claimed", "backup", rc.Backup, "id", rc.ID, "epoch", rs.r.Epoch(), "mode", rc.Mode)
+	if rc.Mode == "lazy" && !rc.DeferPrefetch {
+		s.startPrefetch()
+	}
+	return nil
+}
+
+// ErrSlotTouched: a warm slot's RAM file was read or written before its
+// claim.
+var ErrSlotTouched = errors.New("the slot's memory was touched before its claim")
+
+func (s *server) restoreRoutes(mux *http.ServeMux, handle func(string, func(*http.Request) (any, error))) {
 	mux.HandleFunc("GET "+pathRestoreState, func(w http.ResponseWriter, _ *http.Request) {
-		if s.restore == nil {
+		rs := s.restoring()
+		if rs == nil {
 			w.WriteHeader(http.StatusConflict)
 			_, _ = w.Write([]byte(`{"error":"this memory server was not started from a backup"}`))
 			return
 		}
 		w.Header().Set("Content-Type", "application/octet-stream")
-		_, _ = w.Write(s.restore.r.State())
+		_, _ = w.Write(rs.r.State())
 	})
+	handle("POST "+pathRestoreClaim, func(r *http.Request) (any, error) {
+		var rc Restore
+		if err := decodeJSON(r, &rc); err != nil {
+			return nil, err
+		}
+		return nil, s.claim(r.Context(), rc)
+	})
+	handle("POST "+pathRestorePrefetch, func(*http.Request) (any, error) {
+		if s.restoring() == nil {
+			return nil, conflict(fmt.Errorf("start prefetch: memory server of VM %s serves no restore", s.cfg.VM))
+		}
+		s.startPrefetch()
+		return nil, nil
+	})
+}
+
+// Claim makes a warm slot's memory server serve a restore point (see
+// Config.Slot). In full mode it returns once every page is local.
+func (c *Client) Claim(ctx context.Context, r Restore) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return fmt.Errorf("claim slot: %w", err)
+	}
+	return c.do(ctx, "claim slot", http.MethodPost, pathRestoreClaim, "application/json", b, nil)
+}
+
+// StartPrefetch starts a lazy restore's prefetcher held by DeferPrefetch
+// (a no-op if it runs).
+func (c *Client) StartPrefetch(ctx context.Context) error {
+	return c.do(ctx, "start prefetch", http.MethodPost, pathRestorePrefetch, "", nil, nil)
 }
 
 // RestoreState returns the device state of the restore point a memory

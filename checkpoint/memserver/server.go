@@ -37,8 +37,14 @@ type server struct {
 	fs   *memfs.FS
 	ram  ramFile // the RAM file, read-only: pread for the first copy and resyncs
 	sink *sink
-	// restore is set when the server started from a backup's restore point.
+	// restore is set when the server started from a backup's restore
+	// point, or once a slot is claimed (then under mu; read it with
+	// restoring()).
 	restore *restoring
+	// slot is the switchable Source of a warm slot (nil otherwise).
+	slot *slotSource
+	// prefetching: the lazy restore's prefetcher was started.
+	prefetching bool
 
 	// opMu serialises the operations that change what the server does
 	// (protect, unprotect, sync, commit, shutdown). Status, SetRate and
@@ -83,26 +89,31 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Size: cfg.Size, Sink: s.sink, Source: memfs.ZeroSource{},
 		QueueBytes: queueBytes, DirtyCap: unprotectedCap, Logger: log,
 	}
+	defer func() {
+		if rs := s.restoring(); rs != nil {
+			rs.r.Close()
+		}
+	}()
 	if cfg.Restore != nil {
 		if s.restore, err = openRestore(sctx, cfg, log); err != nil {
 			return fmt.Errorf("%s: %w", op, err)
 		}
-		defer s.restore.r.Close()
 		opts.Source = s.restore.r.Source()
 		// A lazy fault should wait for its own page only; the
 		// prefetcher brings the rest in large chunks.
 		opts.ReadAhead = memfs.PageSize
 	}
+	if cfg.Slot {
+		// A slot only ever serves a lazy restore: read-ahead as above.
+		s.slot = &slotSource{src: memfs.ZeroSource{}}
+		opts.Source, opts.ReadAhead = s.slot, memfs.PageSize
+	}
 	s.fs, err = memfs.Mount(sctx, cfg.Dir, opts)
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	if s.restore != nil && cfg.Restore.Mode == "lazy" {
-		go func() {
-			if err := s.restore.r.Run(sctx, s.fs); err != nil && sctx.Err() == nil {
-				log.Error("restore prefetcher", "err", err)
-			}
-		}()
+	if s.restore != nil && cfg.Restore.Mode == "lazy" && !cfg.Restore.DeferPrefetch {
+		s.startPrefetch()
 	}
 	// Reads of it are FUSE requests this process serves on other
 	// goroutines: safe for system calls, never for faults on a mapping
@@ -149,6 +160,8 @@ func (c Config) validate() error {
 		return errors.New("config: no control socket")
 	case c.Size <= 0 || c.Size%memfs.PageSize != 0:
 		return fmt.Errorf("config: size %d not a positive multiple of %d", c.Size, memfs.PageSize)
+	case c.Slot && c.Restore != nil:
+		return errors.New("config: a slot is claimed for a restore later; it cannot start with one")
 	}
 	return nil
 }
@@ -320,7 +333,7 @@ func (s *server) routes() http.Handler {
 		})
 	}
 	handle("GET "+pathStatus, func(*http.Request) (any, error) { return s.status(), nil })
-	s.restoreRoutes(mux)
+	s.restoreRoutes(mux, handle)
 	handle("POST "+pathProtect, func(r *http.Request) (any, error) {
 		var p Protection
 		if err := decodeJSON(r, &p); err != nil {
@@ -408,9 +421,10 @@ func (s *server) status() Status {
 	p, rate := s.prot, s.rate
 	s.mu.Unlock()
 	st.Rate = rate
-	if s.restore != nil {
-		s.restore.fill(&st)
+	if rs := s.restoring(); rs != nil {
+		rs.fill(&st)
 	}
+	st.Slot = s.slot != nil && s.restoring() == nil
 	if p == nil {
 		st.Unflushed = s.unflushed()
 		st.Cap = unprotectedCap

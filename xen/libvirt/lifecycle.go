@@ -62,6 +62,42 @@ func (d *Driver) Define(ctx context.Context, spec xen.DomainSpec) error {
 	return nil
 }
 
+// ClearIncoming rewrites the persistent definition without Incoming. On a
+// running domain libvirt keeps the live configuration and applies the new
+// one at the next start; the spec is the recorded (normalized) one, so
+// UUID, MACs and disk targets stay what they were.
+func (d *Driver) ClearIncoming(ctx context.Context, name string) error {
+	return d.withDomain(ctx, "clear incoming of", name, func(conn *golibvirt.Connect, dom *golibvirt.Domain) error {
+		elem, err := dom.GetMetadata(golibvirt.DOMAIN_METADATA_ELEMENT, MetadataNamespace, golibvirt.DOMAIN_AFFECT_CONFIG)
+		if err != nil {
+			return err
+		}
+		spec, err := parseSpecMetadata(elem)
+		if err != nil {
+			return err
+		}
+		if spec == nil || !spec.Incoming {
+			return nil
+		}
+		spec.Incoming = false
+		doc, err := domainXML(*spec, xmlOptions{
+			DomainType:         d.domainType(),
+			BalloonStatsPeriod: uint(d.cfg.BalloonStatsPeriod / time.Second),
+			TapExists:          tapExists,
+		})
+		if err != nil {
+			return err
+		}
+		// Same name and UUID: libvirt updates the definition in place.
+		nd, err := conn.DomainDefineXMLFlags(doc, golibvirt.DOMAIN_DEFINE_VALIDATE)
+		if err != nil {
+			return err
+		}
+		d.log.Info("domain redefined without incoming", "domain", name)
+		return nd.Free()
+	})
+}
+
 // Start boots a defined domain; a domain defined with Incoming starts
 // paused, its QEMU waiting for migrate-incoming.
 func (d *Driver) Start(ctx context.Context, name string) error {

@@ -106,6 +106,24 @@ func (f *Fake) Resume(ctx context.Context, name string) error {
 	return f.setState("resume", name, []xen.State{xen.StatePaused}, xen.StateRunning)
 }
 
+func (f *Fake) ClearIncoming(ctx context.Context, name string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.enter("clear incoming"); err != nil {
+		return err
+	}
+	d, err := f.get("clear incoming", name)
+	if err != nil {
+		return err
+	}
+	if d.Spec != nil {
+		s := *d.Spec
+		s.Incoming = false
+		d.Spec = &s
+	}
+	return nil
+}
+
 func (f *Fake) Undefine(ctx context.Context, name string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
