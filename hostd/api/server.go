@@ -39,6 +39,9 @@ type HostInfo struct {
 	Roles     []string       `json:"roles"`
 	Dataplane *DataplaneInfo `json:"dataplane,omitempty"`
 	Backup    *BackupInfo    `json:"backup,omitempty"`
+	// WarmSlots are the configured warm slots for restores and how many
+	// of each are ready.
+	WarmSlots []protect.SlotStatus `json:"warm_slots,omitempty"`
 }
 
 // BackupInfo describes the backup role, when this hostd plays it.
@@ -276,6 +279,9 @@ func (s *Server) getHost(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		info.HostInfo = h
+	}
+	if s.d.Protection != nil {
+		info.WarmSlots = s.d.Protection.Slots()
 	}
 	writeJSON(w, http.StatusOK, info)
 }

@@ -34,6 +34,7 @@ type Config struct {
 	Dataplane  Dataplane  `toml:"dataplane"`
 	Checkpoint Checkpoint `toml:"checkpoint"`
 	Backup     Backup     `toml:"backup"`
+	Restore    Restore    `toml:"restore"`
 	Notice     Notice     `toml:"notice"`
 	Log        Log        `toml:"log"`
 }
@@ -62,6 +63,42 @@ type Checkpoint struct {
 	// send to backups together; it is shared among them by weight. 0: no
 	// host limit (the VMs' connections share the link as TCP does).
 	BackupBandwidth float64 `toml:"backup_bandwidth"`
+}
+
+// Restore configures the host side of restores.
+type Restore struct {
+	// WarmSlots are pre-started, paused incoming domains (with empty
+	// memory servers) kept ready so that a restore of a VM of the same
+	// shape only loads the device state and resumes. Refilled after each
+	// claim; removed when hostd stops. Empty: every restore is cold.
+	WarmSlots []WarmSlot `toml:"warm_slots"`
+}
+
+// WarmSlot is one shape of warm slot and how many of it to keep.
+type WarmSlot struct {
+	MemoryMiB uint64 `toml:"memory_mib"`
+	VCPUs     int    `toml:"vcpus"`
+	Count     int    `toml:"count"`
+}
+
+func (r Restore) validate() error {
+	seen := map[[2]uint64]bool{}
+	for i, w := range r.WarmSlots {
+		switch {
+		case w.MemoryMiB < 16:
+			return fmt.Errorf("restore.warm_slots[%d].memory_mib: %d is below the minimum of 16", i, w.MemoryMiB)
+		case w.VCPUs < 1:
+			return fmt.Errorf("restore.warm_slots[%d].vcpus: must be at least 1", i)
+		case w.Count < 0 || w.Count > 16:
+			return fmt.Errorf("restore.warm_slots[%d].count: %d is not 0-16", i, w.Count)
+		}
+		k := [2]uint64{w.MemoryMiB, uint64(w.VCPUs)}
+		if seen[k] {
+			return fmt.Errorf("restore.warm_slots[%d]: a second entry of %d MiB and %d vCPUs; give one entry a larger count", i, w.MemoryMiB, w.VCPUs)
+		}
+		seen[k] = true
+	}
+	return nil
 }
 
 // Backup configures the backup role: a TLS listener storing checkpoints.
@@ -176,7 +213,8 @@ func Default() Config {
 			DefaultBound:   Duration{30 * time.Second},
 			CommitInterval: Duration{2 * time.Second},
 		},
-		Backup: Backup{Listen: "0.0.0.0:7443"},
+		Backup:  Backup{Listen: "0.0.0.0:7443"},
+		Restore: Restore{WarmSlots: []WarmSlot{}},
 		Notice: Notice{
 			EC2:   Watcher{BaseURL: "http://169.254.169.254"},
 			GCE:   Watcher{BaseURL: "http://169.254.169.254"},
@@ -246,6 +284,9 @@ func (c Config) Validate() error {
 		return err
 	}
 	if err := c.Checkpoint.validate(); err != nil {
+		return err
+	}
+	if err := c.Restore.validate(); err != nil {
 		return err
 	}
 	if c.HasRole(RoleBackup) {

@@ -177,10 +177,14 @@ func startHost(ctx, bg context.Context, o Options, st *store.Store, ev *events.B
 // (re-attached to the memory servers that outlived the last hostd),
 // bandwidth shares and termination-notice watchers.
 func (h *hostRole) run(bg context.Context) {
-	h.loops.Add(3)
+	h.loops.Add(4)
 	go func() {
 		defer h.loops.Done()
 		h.vms.Run(bg, h.cfg.Hypervisor.ReconcileInterval.Duration)
+	}()
+	go func() {
+		defer h.loops.Done()
+		h.prot.StartSlots(bg)
 	}()
 	h.prot.Resume(bg)
 	go func() {
@@ -197,6 +201,8 @@ func (h *hostRole) wait() {
 	h.loops.Wait()
 	h.vms.Wait()
 	h.prot.Wait()
+	// Warm slots hold no guest: unlike VMs they end with hostd.
+	h.prot.StopSlots()
 }
 
 // close releases the hypervisor connection and the dataplane. With pinned

@@ -187,6 +187,7 @@ func (m *Manager) evacuate(ctx context.Context, rec Record, req EvacuateRequest,
 	if err != nil {
 		return rep, fmt.Errorf("%s: %w", op, err)
 	}
+	dom := v.Domain()
 	if v.State != xen.StateRunning {
 		return rep, fmt.Errorf("%s: %w: the VM is %s, not running", op, xen.ErrState, v.State)
 	}
@@ -218,7 +219,7 @@ func (m *Manager) evacuate(ctx context.Context, rec Record, req EvacuateRequest,
 
 	set(0.1, "pause")
 	s := time.Now()
-	if err := m.hv.Suspend(ctx, name); err != nil {
+	if err := m.hv.Suspend(ctx, dom); err != nil {
 		return rep, fmt.Errorf("%s: pause: %w", op, err)
 	}
 	paused := s
@@ -230,7 +231,7 @@ func (m *Manager) evacuate(ctx context.Context, rec Record, req EvacuateRequest,
 		if !resumed && ((!committed && err != nil) || (committed && req.After == AfterResume)) {
 			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 			defer cancel()
-			if rerr := m.hv.Resume(rctx, name); rerr != nil {
+			if rerr := m.hv.Resume(rctx, dom); rerr != nil {
 				m.log.Error("resume after evacuation", "vm", name, "err", rerr)
 			}
 		}
@@ -255,7 +256,7 @@ func (m *Manager) evacuate(ctx context.Context, rec Record, req EvacuateRequest,
 	}()
 	go func() {
 		defer wg.Done()
-		qstate, saveErr = m.saveDeviceState(ctx, name)
+		qstate, saveErr = m.saveDeviceState(ctx, dom)
 		saveD = time.Since(syncS)
 	}()
 	wg.Wait()
@@ -289,7 +290,7 @@ func (m *Manager) evacuate(ctx context.Context, rec Record, req EvacuateRequest,
 	s = time.Now()
 	switch req.After {
 	case AfterResume:
-		err = m.hv.Resume(ctx, name)
+		err = m.hv.Resume(ctx, dom)
 		resumed = err == nil
 		if resumed && !epoch {
 			// The guest runs on under its own bound again.
@@ -298,7 +299,7 @@ func (m *Manager) evacuate(ctx context.Context, rec Record, req EvacuateRequest,
 			}
 		}
 	case AfterDestroy:
-		err = m.hv.Destroy(ctx, name)
+		err = m.hv.Destroy(ctx, dom)
 	}
 	if err != nil {
 		// The restore point is committed; report it with the failure.

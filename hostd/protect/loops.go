@@ -120,7 +120,7 @@ func (m *Manager) rebalance(ctx context.Context, total float64) {
 	claims := make([]Claim, len(recs))
 	for i, r := range recs {
 		claims[i] = Claim{Weight: r.Weight, Demand: math.Inf(1)}
-		c, err := m.mem.Client(ctx, r.VM)
+		c, err := m.memClient(ctx, r.VM)
 		if err != nil {
 			continue
 		}
@@ -147,7 +147,7 @@ func (m *Manager) rebalance(ctx context.Context, total float64) {
 		if math.Abs(old-rate) < 0.05*rate {
 			continue
 		}
-		if c, err := m.mem.Client(ctx, r.VM); err == nil {
+		if c, err := m.memClient(ctx, r.VM); err == nil {
 			if err := c.SetRate(ctx, rate); err != nil {
 				m.log.Warn("set bandwidth share", "vm", r.VM, "err", err)
 			}

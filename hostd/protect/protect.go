@@ -92,6 +92,7 @@ type Manager struct {
 	pauses map[string]time.Duration      // last epoch pause
 	sent   map[string]sample             // bytes sent at the last rebalance
 	wg     sync.WaitGroup
+	slots  *slots
 }
 
 // NewManager returns a manager; call Resume to re-attach existing
@@ -101,8 +102,19 @@ func NewManager(ctx context.Context, cfg config.Config, hv xen.Hypervisor, vms *
 		cfg: cfg, hv: hv, vms: vms, mem: mem, st: st, ev: ev, jobs: jm, log: log.With("component", "protect"), ctx: ctx,
 		locks: map[string]*sync.Mutex{}, epochs: map[string]context.CancelFunc{},
 		shares: map[string]float64{}, pauses: map[string]time.Duration{}, sent: map[string]sample{},
+		slots: newSlots(cfg, vms, mem, log),
 	}
 }
+
+// StartSlots removes the warm slots a previous hostd left and starts this
+// host's in the background, until ctx ends; StopSlots then removes them.
+func (m *Manager) StartSlots(ctx context.Context) { m.slots.start(ctx) }
+
+// StopSlots removes the warm slots (after the StartSlots context ended).
+func (m *Manager) StopSlots() { m.slots.stop() }
+
+// Slots reports the configured warm slots (GET /v1/host).
+func (m *Manager) Slots() []SlotStatus { return m.slots.status() }
 
 func (m *Manager) lock(vmName string) *sync.Mutex {
 	m.mu.Lock()
@@ -124,7 +136,7 @@ func (m *Manager) served(ctx context.Context, name string) (vm.VM, *memserver.Cl
 	if !v.ServedMemory {
 		return v, nil, fmt.Errorf("VM %q: %w: create it with \"served_memory\": true to protect it (RAM cannot move under a running guest)", name, ErrNotServed)
 	}
-	c, err := m.mem.Client(ctx, name)
+	c, err := m.memClient(ctx, name)
 	if err != nil {
 		return v, nil, fmt.Errorf("VM %q: %w", name, err)
 	}
@@ -256,7 +268,7 @@ func (m *Manager) Unprotect(ctx context.Context, name string) error {
 		return fmt.Errorf("%s: %w", op, ErrNotProtected)
 	}
 	m.stopEpochs(name)
-	if c, err := m.mem.Client(ctx, name); err == nil {
+	if c, err := m.memClient(ctx, name); err == nil {
 		if err := c.Unprotect(ctx); err != nil {
 			m.log.Warn("memory server refused to unprotect", "vm", name, "err", err)
 		}
@@ -286,7 +298,7 @@ func (m *Manager) Get(ctx context.Context, name string) (Status, error) {
 		return Status{}, fmt.Errorf("%s: %w", op, ErrNotProtected)
 	}
 	out := Status{Record: rec}
-	c, err := m.mem.Client(ctx, name)
+	c, err := m.memClient(ctx, name)
 	if err != nil {
 		out.State, out.Reason = memserver.StateDegraded, err.Error()
 		return out, nil
@@ -334,7 +346,7 @@ func (m *Manager) Resume(ctx context.Context) {
 		return
 	}
 	for _, r := range recs {
-		c, err := m.mem.Client(ctx, r.VM)
+		c, err := m.memClient(ctx, r.VM)
 		if err != nil {
 			m.log.Error("protected VM has no memory server; its protection is degraded", "vm", r.VM, "err", err)
 			m.ev.Publish(events.Event{Type: "protection.degraded", VM: r.VM, Data: map[string]string{"reason": err.Error()}})
@@ -359,14 +371,21 @@ func (m *Manager) Wait() { m.wg.Wait() }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-// Serve implements vm.Memory: the VM's RAM comes from its memory server.
-func (m *Manager) Serve(ctx context.Context, name string, size int64) (string, error) {
-	return m.mem.Serve(ctx, name, size)
+// Serve implements vm.Memory: the VM's RAM comes from its memory server,
+// named by the VM's domain.
+func (m *Manager) Serve(ctx context.Context, domain string, size int64) (string, error) {
+	return m.mem.Serve(ctx, domain, size)
 }
 
 // Release implements vm.Memory: a deleted VM's protection ends with it (the
 // backup keeps its restore points), then its memory server stops.
-func (m *Manager) Release(ctx context.Context, name string) error {
+func (m *Manager) Release(ctx context.Context, name, domain string) error {
 	m.Forget(name)
-	return m.mem.Release(ctx, name)
+	return m.mem.Release(ctx, domain)
+}
+
+// memClient returns the control client of a VM's memory server, which is
+// named by the VM's domain (see vm.Record.Domain).
+func (m *Manager) memClient(ctx context.Context, name string) (*memserver.Client, error) {
+	return m.mem.Client(ctx, m.vms.DomainOf(name))
 }

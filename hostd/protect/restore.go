@@ -11,6 +11,7 @@ import (
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/vm"
+	"hostd/xen"
 )
 
 // RestoreRequest is the body of POST /v1/vms/restore.
@@ -28,6 +29,9 @@ type RestoreRequest struct {
 	// Protect, if set, protects the restored VM as soon as it runs (to
 	// the same backup and id: no recopy).
 	Protect *Request `json:"protect,omitempty"`
+	// Slot "auto" (default) restores into a warm slot the saved VM fits
+	// if one is ready, else starts its own QEMU; "cold" always starts one.
+	Slot string `json:"slot,omitempty"`
 }
 
 // RestoreReport is a restore job's final report.
@@ -49,6 +53,10 @@ type RestoreReport struct {
 	FaultP50US   float64 `json:"fault_p50_us"`
 	FaultP99US   float64 `json:"fault_p99_us"`
 	ProtectJob   string  `json:"protect_job,omitempty"`
+	// Slot is the warm slot's domain the VM was restored into (and runs
+	// in); empty for a cold restore, with ColdReason saying why.
+	Slot       string `json:"slot,omitempty"`
+	ColdReason string `json:"cold_reason,omitempty"`
 }
 
 // Restore brings a VM back from a backup's restore point as a job.
@@ -59,6 +67,9 @@ func (m *Manager) Restore(ctx context.Context, req RestoreRequest) (jobs.Job, er
 	if req.Mode == "" {
 		req.Mode = "lazy"
 	}
+	if req.Slot == "" {
+		req.Slot = "auto"
+	}
 	op := fmt.Sprintf("restore VM %q", req.Name)
 	switch {
 	case req.Backup == "" || req.ID == "":
@@ -67,6 +78,8 @@ func (m *Manager) Restore(ctx context.Context, req RestoreRequest) (jobs.Job, er
 		return jobs.Job{}, fmt.Errorf("%s: %w: mode %q is not lazy or full", op, vm.ErrInvalid, req.Mode)
 	case req.PrefetchRate < 0:
 		return jobs.Job{}, fmt.Errorf("%s: %w: prefetch_rate must not be negative", op, vm.ErrInvalid)
+	case req.Slot != "auto" && req.Slot != "cold":
+		return jobs.Job{}, fmt.Errorf("%s: %w: slot %q is not auto or cold", op, vm.ErrInvalid, req.Slot)
 	}
 	probe := Request{Backup: req.Backup}
 	if err := m.applyDefaults(&probe, req.Name); err != nil {
@@ -89,8 +102,9 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 		rep.Phases = append(rep.Phases, Phase{Name: n, StartMS: ms(start.Sub(t0)), DurationMS: ms(time.Since(start)), Bytes: bytes})
 	}
 
-	// The restore point's size and epoch, so the memory server serves
-	// exactly it (a later commit must not change what is restored).
+	// The restore point's size, epoch and device state: the memory server
+	// serves exactly that epoch (a later commit must not change what is
+	// restored), and the saved spec decides whether a warm slot fits.
 	p.Set(0.05, "probe")
 	s := time.Now()
 	files := m.tlsFiles(req.Backup)
@@ -103,48 +117,12 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 		return rep, fmt.Errorf("%s: %w: %v", op, ErrBackup, err)
 	}
 	info := rc.Info()
+	blob, err := rc.FetchState(ctx)
 	rc.Close()
+	if err != nil {
+		return rep, fmt.Errorf("%s: %w: %v", op, ErrBackup, err)
+	}
 	rep.Epoch = info.Epoch
-	phase("probe", s, 0)
-
-	// The memory server: lazy, it serves pages from the backup at once;
-	// full, it copies every page before it answers.
-	p.Set(0.1, "memory")
-	s = time.Now()
-	ramPath, err := m.mem.serve(ctx, memserver.Config{VM: name, Size: info.ImageSize, Restore: &memserver.Restore{
-		Backup: req.Backup, ID: req.ID, TLS: files, Epoch: info.Epoch, Mode: req.Mode, PrefetchRate: req.PrefetchRate,
-	}})
-	if err != nil {
-		return rep, fmt.Errorf("%s: %w", op, err)
-	}
-	defined := false
-	defer func() {
-		if err == nil {
-			return
-		}
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		defer cancel()
-		if defined {
-			m.vms.DiscardIncoming(cctx, name)
-		}
-		if rerr := m.mem.Release(cctx, name); rerr != nil {
-			m.log.Warn("stop memory server of a failed restore", "vm", name, "err", rerr)
-		} else {
-			m.vms.RemoveFiles(name) // the restore cache is the size of the guest
-		}
-	}()
-	phase("memory", s, 0)
-	c, err := m.mem.Client(ctx, name)
-	if err != nil {
-		return rep, fmt.Errorf("%s: %w", op, err)
-	}
-
-	p.Set(0.3, "state")
-	s = time.Now()
-	blob, err := c.RestoreState(ctx)
-	if err != nil {
-		return rep, fmt.Errorf("%s: %w", op, err)
-	}
 	saved, qstate, err := DecodeState(blob)
 	if err != nil {
 		return rep, fmt.Errorf("%s: %w", op, err)
@@ -152,31 +130,100 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 	if int64(saved.Spec.MemoryMiB)<<20 != info.ImageSize {
 		return rep, fmt.Errorf("%s: %w: the saved VM has %d MiB, the image %d bytes", op, ErrBadState, saved.Spec.MemoryMiB, info.ImageSize)
 	}
-	phase("state", s, int64(len(blob)))
+	phase("probe", s, int64(len(blob)))
 
-	p.Set(0.4, "define")
-	s = time.Now()
-	if _, err = m.vms.CreateIncoming(ctx, saved.Spec, name, ramPath); err != nil {
+	mr := memserver.Restore{Backup: req.Backup, ID: req.ID, TLS: files, Epoch: info.Epoch, Mode: req.Mode,
+		PrefetchRate: req.PrefetchRate, DeferPrefetch: req.Mode == "lazy"}
+	// dom is the domain the VM runs in, and names its memory server.
+	// owned: the memory server of dom is this restore's; defined: so is
+	// the VM's record and domain. A failure removes what is this
+	// restore's, never what a concurrent request made under the name.
+	dom, owned, defined := name, false, false
+	defer func() {
+		if err == nil || !owned {
+			return
+		}
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if defined {
+			m.vms.DiscardIncoming(cctx, name)
+		}
+		if rerr := m.mem.Release(cctx, dom); rerr != nil {
+			m.log.Warn("stop memory server of a failed restore", "vm", name, "err", rerr)
+		} else {
+			m.vms.RemoveFiles(dom) // the restore cache is the size of the guest
+		}
+	}()
+	var slot xen.DomainSpec
+	if req.Slot == "auto" {
+		slot, rep.ColdReason = m.slots.take(saved.Spec)
+	} else {
+		rep.ColdReason = "cold restore requested"
+	}
+	if slot.Name != "" {
+		// The slot's refill waits for the end of this job: starting a
+		// QEMU competes for the CPUs with the restored guest.
+		defer m.slots.refill(saved.Spec)
+		p.Set(0.1, "claim")
+		s = time.Now()
+		if rep.ColdReason = m.claim(ctx, slot, mr); rep.ColdReason == "" {
+			if _, err = m.vms.ClaimSlot(ctx, name, slot); err != nil {
+				m.slots.remove(ctx, slot.Name)
+				return rep, fmt.Errorf("%s: %w", op, err)
+			}
+			dom, owned, defined = slot.Name, true, true
+			rep.Slot = slot.Name
+			phase("claim", s, 0)
+		}
+	}
+	if rep.Slot == "" {
+		// Cold: the memory server (lazy: it serves pages from the
+		// backup at once; full: it copies every page before it answers),
+		// then a QEMU of our own.
+		p.Set(0.1, "memory")
+		s = time.Now()
+		var ramPath string
+		if ramPath, err = m.mem.serve(ctx, memserver.Config{VM: name, Size: info.ImageSize, Restore: &mr}); err != nil {
+			return rep, fmt.Errorf("%s: %w", op, err)
+		}
+		owned = true
+		phase("memory", s, 0)
+		p.Set(0.4, "define")
+		s = time.Now()
+		if _, err = m.vms.CreateIncoming(ctx, saved.Spec, name, ramPath); err != nil {
+			return rep, fmt.Errorf("%s: %w", op, err)
+		}
+		defined = true
+		phase("define", s, 0)
+	}
+	c, err := m.mem.Client(ctx, dom)
+	if err != nil {
 		return rep, fmt.Errorf("%s: %w", op, err)
 	}
-	defined = true
-	phase("define", s, 0)
 
 	p.Set(0.5, "load")
 	s = time.Now()
-	if err = m.loadDeviceState(ctx, name, qstate); err != nil {
+	if err = m.loadDeviceState(ctx, dom, qstate); err != nil {
 		return rep, fmt.Errorf("%s: %w", op, err)
 	}
 	phase("load", s, int64(len(qstate)))
 	s = time.Now()
-	if err = m.hv.Resume(ctx, name); err != nil {
+	if err = m.hv.Resume(ctx, dom); err != nil {
 		return rep, fmt.Errorf("%s: resume: %w", op, err)
 	}
 	phase("resume", s, 0)
 	rep.ResumeMS = ms(time.Since(t0))
-	m.vms.Resumed(name)
-	m.ev.Publish(events.Event{Type: "vm.restored", VM: name, Data: map[string]any{"backup": req.Backup, "id": req.ID, "epoch": info.Epoch, "mode": req.Mode, "resume_ms": rep.ResumeMS}})
-	m.log.Info("vm restored", "vm", name, "epoch", info.Epoch, "mode", req.Mode, "resume_ms", rep.ResumeMS)
+	// The prefetch starts now, not with the memory server: before the
+	// resume it would compete with QEMU's start and the state load for
+	// the CPUs, and the guest's own faults say best what it needs first.
+	if req.Mode == "lazy" {
+		if err = c.StartPrefetch(ctx); err != nil {
+			return rep, fmt.Errorf("%s: start prefetch: %w", op, err)
+		}
+	}
+	m.vms.Resumed(ctx, name)
+	m.ev.Publish(events.Event{Type: "vm.restored", VM: name, Data: map[string]any{"backup": req.Backup, "id": req.ID, "epoch": info.Epoch, "mode": req.Mode, "resume_ms": rep.ResumeMS, "slot": rep.Slot}})
+	m.log.Info("vm restored", "vm", name, "epoch", info.Epoch, "mode", req.Mode, "resume_ms", rep.ResumeMS, "slot", rep.Slot, "cold_reason", rep.ColdReason)
 
 	if req.Protect != nil {
 		pr := *req.Protect
@@ -228,6 +275,22 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 	rep.ResidentMS = ms(time.Since(t0))
 	m.ev.Publish(events.Event{Type: "vm.resident", VM: name, Data: map[string]any{"resident_ms": rep.ResidentMS, "bytes": rep.BytesFetched}})
 	return rep, nil
+}
+
+// claim switches a warm slot's memory server to the restore point; ""
+// if it did, else why the restore goes cold (the slot is removed then: a
+// refused claim leaves it unusable).
+func (m *Manager) claim(ctx context.Context, slot xen.DomainSpec, mr memserver.Restore) string {
+	c, err := m.mem.Client(ctx, slot.Name)
+	if err == nil {
+		err = c.Claim(ctx, mr)
+	}
+	if err == nil {
+		return ""
+	}
+	m.log.Warn("warm slot refused; restoring cold", "slot", slot.Name, "err", err)
+	m.slots.remove(ctx, slot.Name)
+	return "claiming warm slot " + slot.Name + " failed: " + err.Error()
 }
 
 // loadDeviceState feeds QEMU (waiting in inmigrate) the saved state.

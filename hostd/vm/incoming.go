@@ -22,15 +22,7 @@ import (
 // is left but the memory server, which is the caller's.
 func (m *Manager) CreateIncoming(ctx context.Context, saved xen.DomainSpec, name, ramPath string) (VM, error) {
 	op := fmt.Sprintf("create incoming VM %q", name)
-	req := Request{Name: name, VCPUs: saved.VCPUs, MemoryMiB: saved.MemoryMiB, Kernel: saved.Kernel, Initrd: saved.Initrd,
-		Cmdline: saved.Cmdline, Disks: saved.Disks, NICs: saved.NICs, ServedMemory: true}
-	if _, err := os.Stat(req.Kernel); err != nil {
-		req.Kernel, req.Initrd = m.cfg.Guest.Kernel, m.cfg.Guest.Initrd
-	} else if req.Initrd != "" {
-		if _, err := os.Stat(req.Initrd); err != nil {
-			req.Kernel, req.Initrd = m.cfg.Guest.Kernel, m.cfg.Guest.Initrd
-		}
-	}
+	req := m.rehome(saved, name)
 	host, err := m.hv.Host(ctx)
 	if err != nil {
 		return VM{}, fmt.Errorf("%s: %w", op, err)
@@ -74,24 +66,45 @@ func (m *Manager) CreateIncoming(ctx context.Context, saved xen.DomainSpec, name
 	return m.join(ctx, rec)
 }
 
+// rehome is the request a saved spec is restored as on this host: its
+// kernel is replaced by this host's guest image when the saved path does
+// not exist here.
+func (m *Manager) rehome(saved xen.DomainSpec, name string) Request {
+	req := Request{Name: name, VCPUs: saved.VCPUs, MemoryMiB: saved.MemoryMiB, Kernel: saved.Kernel, Initrd: saved.Initrd,
+		Cmdline: saved.Cmdline, Disks: saved.Disks, NICs: saved.NICs, ServedMemory: true}
+	if _, err := os.Stat(req.Kernel); err != nil {
+		req.Kernel, req.Initrd = m.cfg.Guest.Kernel, m.cfg.Guest.Initrd
+	} else if req.Initrd != "" {
+		if _, err := os.Stat(req.Initrd); err != nil {
+			req.Kernel, req.Initrd = m.cfg.Guest.Kernel, m.cfg.Guest.Initrd
+		}
+	}
+	return req
+}
+
 // DiscardIncoming removes a VM CreateIncoming made whose restore failed.
 func (m *Manager) DiscardIncoming(ctx context.Context, name string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	_, cancel := m.removeDomain(ctx, name, "failed restore")
+	dom := name
+	if rec, err := m.record(name); err == nil {
+		dom = rec.Domain()
+	}
+	_, cancel := m.removeDomain(ctx, dom, "failed restore")
 	cancel()
 	_ = m.st.Delete(store.BucketVMs, name)
 }
 
-// RemoveFiles removes what a failed restore left in the VM's directory
-// (its memory server must be stopped first).
-func (m *Manager) RemoveFiles(name string) {
-	m.removeVMFiles(xen.DomainSpec{Name: name, RAMPath: m.cfg.VMDir(name) + "/ram"})
+// RemoveFiles removes what a failed restore or a removed slot left in a
+// domain's directory (its memory server must be stopped first).
+func (m *Manager) RemoveFiles(domain string) {
+	m.removeVMFiles(xen.DomainSpec{Name: domain, RAMPath: m.cfg.VMDir(domain) + "/ram",
+		AgentSocket: filepath.Join(m.cfg.RunDir, "agents", domain+".sock")})
 }
 
 // Resumed records that a restored VM runs: it is ready at once (its guest
 // agent was ready when it was saved).
-func (m *Manager) Resumed(name string) {
+func (m *Manager) Resumed(ctx context.Context, name string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	rec, err := m.record(name)
@@ -105,4 +118,15 @@ func (m *Manager) Resumed(name string) {
 		m.log.Error("record restored VM", "vm", name, "err", err)
 	}
 	m.ev.Publish(events.Event{Type: "vm.ready", VM: name, Data: map[string]any{"restored": true, "boot_ms": rec.BootMS}})
+	// The definition still says -incoming: redefine it so that the VM's
+	// next start boots it (the running QEMU is not touched). Should this
+	// fail, startLocked tries again before a start.
+	if err := m.hv.ClearIncoming(ctx, rec.Domain()); err != nil {
+		m.log.Warn("redefine restored VM without incoming; retried at its next start", "vm", name, "err", err)
+		return
+	}
+	rec.Spec.Incoming = false
+	if err := store.Put(m.st, store.BucketVMs, name, rec); err != nil {
+		m.log.Error("record restored VM", "vm", name, "err", err)
+	}
 }

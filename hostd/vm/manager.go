@@ -48,9 +48,10 @@ type Manager struct {
 type Memory interface {
 	// Serve makes sure a memory server serves the VM's RAM file of size
 	// bytes and returns the path QEMU maps. It is idempotent.
-	Serve(ctx context.Context, vm string, size int64) (ramPath string, err error)
-	// Release stops serving; only once no QEMU maps the file any more.
-	Release(ctx context.Context, vm string) error
+	Serve(ctx context.Context, domain string, size int64) (ramPath string, err error)
+	// Release stops serving VM name's memory (served under its domain's
+	// name); only once no QEMU maps the file any more.
+	Release(ctx context.Context, name, domain string) error
 }
 
 // SetNICMTU sets the MTU of new VMs' NICs that request none.
@@ -105,7 +106,7 @@ func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
 	undo := func() {
 		cctx, cancel := m.removeDomain(ctx, spec.Name, "failed create")
 		defer cancel()
-		m.releaseMemory(cctx, spec.Name, req.ServedMemory)
+		m.releaseMemory(cctx, spec.Name, spec.Name, req.ServedMemory)
 		m.removeVMFiles(spec)
 	}
 	if err := m.hv.Define(ctx, spec); err != nil {
@@ -187,11 +188,11 @@ func (m *Manager) removeDomain(ctx context.Context, name, why string) (context.C
 }
 
 // releaseMemory stops a VM's memory server once QEMU is gone.
-func (m *Manager) releaseMemory(ctx context.Context, name string, served bool) {
+func (m *Manager) releaseMemory(ctx context.Context, name, domain string, served bool) {
 	if !served || m.mem == nil {
 		return
 	}
-	if err := m.mem.Release(ctx, name); err != nil {
+	if err := m.mem.Release(ctx, name, domain); err != nil {
 		m.log.Warn("stop memory server", "vm", name, "err", err)
 	}
 }
@@ -236,15 +237,24 @@ func (m *Manager) startLocked(ctx context.Context, rec *Record) error {
 		if m.mem == nil {
 			return fmt.Errorf("%w: the VM needs served memory, which this host does not offer", ErrInvalid)
 		}
-		if _, err := m.mem.Serve(ctx, rec.Name, int64(rec.Spec.MemoryMiB)<<20); err != nil {
+		if _, err := m.mem.Serve(ctx, rec.Domain(), int64(rec.Spec.MemoryMiB)<<20); err != nil {
 			return err
 		}
+	}
+	if rec.Spec.Incoming {
+		// Restored, and the redefinition at its resume failed (or an
+		// older hostd restored it): a start would wait for a migration
+		// forever.
+		if err := m.hv.ClearIncoming(ctx, rec.Domain()); err != nil {
+			return err
+		}
+		rec.Spec.Incoming = false
 	}
 	// Readiness is judged on what the serial log gains after this start:
 	// the log is appended across restarts.
 	offset := fileSize(rec.Spec.SerialLog)
 	started := time.Now().UTC()
-	if err := m.hv.Start(ctx, rec.Name); err != nil {
+	if err := m.hv.Start(ctx, rec.Domain()); err != nil {
 		return err
 	}
 	rec.Started, rec.Ready, rec.BootMS, rec.GuestUptimeMS, rec.Vanished = &started, nil, 0, 0, false
@@ -311,7 +321,7 @@ func (m *Manager) Destroy(ctx context.Context, name string) (VM, error) {
 		return VM{}, fmt.Errorf("destroy VM: %w", err)
 	}
 	m.stopWatcher(name)
-	if err := m.hv.Destroy(ctx, name); err != nil {
+	if err := m.hv.Destroy(ctx, rec.Domain()); err != nil {
 		return VM{}, fmt.Errorf("destroy VM %q: %w", name, err)
 	}
 	return m.join(ctx, rec)
@@ -325,7 +335,8 @@ type ShutdownReport struct {
 // Shutdown asks the guest to power off, as a job bounded by timeout (the
 // configured default when zero).
 func (m *Manager) Shutdown(ctx context.Context, name string, timeout time.Duration) (jobs.Job, error) {
-	if _, err := m.Get(ctx, name); err != nil {
+	v, err := m.Get(ctx, name)
+	if err != nil {
 		return jobs.Job{}, fmt.Errorf("shutdown VM: %w", err)
 	}
 	if timeout <= 0 {
@@ -334,7 +345,7 @@ func (m *Manager) Shutdown(ctx context.Context, name string, timeout time.Durati
 	return m.jobs.Start(m.ctx, "shutdown", name, func(ctx context.Context, p *jobs.Progress) (any, error) {
 		p.Set(0, "acpi")
 		t0 := time.Now()
-		if err := m.hv.Shutdown(ctx, name, timeout); err != nil {
+		if err := m.hv.Shutdown(ctx, v.Domain(), timeout); err != nil {
 			return nil, fmt.Errorf("shutdown VM %q: %w", name, err)
 		}
 		return ShutdownReport{DurationMS: float64(time.Since(t0).Microseconds()) / 1000}, nil
@@ -350,13 +361,13 @@ func (m *Manager) Delete(ctx context.Context, name string) error {
 		return fmt.Errorf("delete VM: %w", err)
 	}
 	m.stopWatcher(name)
-	if err := m.hv.Destroy(ctx, name); err != nil && !errors.Is(err, xen.ErrNotFound) {
+	if err := m.hv.Destroy(ctx, rec.Domain()); err != nil && !errors.Is(err, xen.ErrNotFound) {
 		return fmt.Errorf("delete VM %q: %w", name, err)
 	}
-	if err := m.hv.Undefine(ctx, name); err != nil && !errors.Is(err, xen.ErrNotFound) {
+	if err := m.hv.Undefine(ctx, rec.Domain()); err != nil && !errors.Is(err, xen.ErrNotFound) {
 		return fmt.Errorf("delete VM %q: %w", name, err)
 	}
-	m.releaseMemory(ctx, name, rec.ServedMemory)
+	m.releaseMemory(ctx, name, rec.Domain(), rec.ServedMemory)
 	m.removeVMFiles(rec.Spec)
 	if err := m.st.Delete(store.BucketVMs, name); err != nil {
 		return fmt.Errorf("delete VM %q: %w", name, err)
@@ -393,7 +404,7 @@ func (m *Manager) List(ctx context.Context) ([]VM, error) {
 	out := make([]VM, 0, len(recs))
 	for _, r := range recs {
 		v := VM{Record: r, State: xen.StateUnknown}
-		if d, ok := live[r.Name]; ok {
+		if d, ok := live[r.Domain()]; ok {
 			v.State, v.Reason = d.State, d.Reason
 		} else {
 			v.Vanished = true
@@ -405,10 +416,11 @@ func (m *Manager) List(ctx context.Context) ([]VM, error) {
 
 // Stats samples a running VM's counters.
 func (m *Manager) Stats(ctx context.Context, name string) (xen.DomainStats, error) {
-	if _, err := m.record(name); err != nil {
+	rec, err := m.record(name)
+	if err != nil {
 		return xen.DomainStats{}, fmt.Errorf("VM stats: %w", err)
 	}
-	s, err := m.hv.Stats(ctx, name)
+	s, err := m.hv.Stats(ctx, rec.Domain())
 	if err != nil {
 		return xen.DomainStats{}, fmt.Errorf("VM %q stats: %w", name, err)
 	}
@@ -448,8 +460,18 @@ func (m *Manager) record(name string) (Record, error) {
 	return rec, err
 }
 
+// DomainOf returns the domain of VM name (see Record.Domain); name itself
+// if there is no such VM.
+func (m *Manager) DomainOf(name string) string {
+	rec, err := m.record(name)
+	if err != nil {
+		return name
+	}
+	return rec.Domain()
+}
+
 func (m *Manager) join(ctx context.Context, rec Record) (VM, error) {
-	d, err := m.hv.Domain(ctx, rec.Name)
+	d, err := m.hv.Domain(ctx, rec.Domain())
 	switch {
 	case errors.Is(err, xen.ErrNotFound):
 		rec.Vanished = true

@@ -40,8 +40,8 @@ func (m *Manager) Reconcile(ctx context.Context, startup bool) (ReconcileReport,
 	}
 	known := make(map[string]bool, len(recs))
 	for _, rec := range recs {
-		known[rec.Name] = true
-		d, ok := live[rec.Name]
+		known[rec.Domain()] = true
+		d, ok := live[rec.Domain()]
 		switch {
 		case !ok && !rec.Vanished:
 			rec.Vanished = true
@@ -65,8 +65,8 @@ func (m *Manager) Reconcile(ctx context.Context, startup bool) (ReconcileReport,
 	// Domains carrying hostd's spec but no record: the store was lost or the
 	// daemon died between defining and recording. Take them back.
 	for _, d := range doms {
-		if known[d.Name] {
-			continue
+		if known[d.Name] || IsSlot(d.Name) {
+			continue // a warm slot is the slot manager's
 		}
 		// List carries no specs; read this domain's to see whether it is ours.
 		full, err := m.hv.Domain(ctx, d.Name)
@@ -169,19 +169,41 @@ func (m *Manager) onLifecycle(ctx context.Context, e xen.LifecycleEvent) {
 		}
 		return
 	}
-	if _, err := m.record(e.Domain); err != nil {
+	name, ok := m.byDomain(e.Domain)
+	if !ok {
 		return // not one of ours
 	}
-	m.ev.Publish(events.Event{Type: "vm.lifecycle", VM: e.Domain, Time: e.Time,
+	m.ev.Publish(events.Event{Type: "vm.lifecycle", VM: name, Time: e.Time,
 		Data: map[string]string{"event": e.Event, "detail": e.Detail}})
 	switch e.Event {
 	case xen.EventStopped, xen.EventCrashed:
 		m.mu.Lock()
-		m.stopWatcher(e.Domain)
+		m.stopWatcher(name)
 		m.mu.Unlock()
 	case xen.EventUndefined:
 		if _, err := m.Reconcile(ctx, false); err != nil {
-			m.log.Warn("reconcile after undefine", "vm", e.Domain, "err", err)
+			m.log.Warn("reconcile after undefine", "vm", name, "err", err)
 		}
 	}
+}
+
+// byDomain finds the VM a domain runs: the VM of that name, or the one
+// restored into a slot of that name.
+func (m *Manager) byDomain(domain string) (string, bool) {
+	if rec, err := m.record(domain); err == nil && rec.Domain() == domain {
+		return rec.Name, true
+	}
+	if !IsSlot(domain) {
+		return "", false
+	}
+	recs, err := store.List[Record](m.st, store.BucketVMs)
+	if err != nil {
+		return "", false
+	}
+	for _, r := range recs {
+		if r.Domain() == domain {
+			return r.Name, true
+		}
+	}
+	return "", false
 }

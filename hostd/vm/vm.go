@@ -64,6 +64,17 @@ type Record struct {
 	Vanished bool `json:"vanished,omitempty"`
 }
 
+// Domain is the hypervisor domain that runs the VM, which also names its
+// directory and memory server: the VM's name, except for a VM restored into
+// a warm slot, which runs on in the slot's domain (a running domain cannot
+// be renamed).
+func (r Record) Domain() string {
+	if r.Spec.Name != "" {
+		return r.Spec.Name
+	}
+	return r.Name
+}
+
 // VM is what the API returns: the record joined with live state.
 type VM struct {
 	Record
