@@ -247,6 +247,20 @@ func (d *Daemon) Stop() error {
 	return err
 }
 
+// Reconfigure changes the configuration the next start (Restart, after a
+// Stop or Kill9) reads.
+func (d *Daemon) Reconfigure(edit func(*config.Config)) {
+	d.tb.Helper()
+	edit(&d.Config)
+	var buf bytes.Buffer
+	if err := toml.NewEncoder(&buf).Encode(d.Config); err != nil {
+		d.tb.Fatal(err)
+	}
+	if err := os.WriteFile(d.ConfigPath(), buf.Bytes(), 0o600); err != nil {
+		d.tb.Fatal(err)
+	}
+}
+
 // Restart starts a new daemon on the same state directory and socket.
 func (d *Daemon) Restart() {
 	d.tb.Helper()

@@ -4,9 +4,11 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"regexp"
 	"testing"
 
 	"hostd/hostd/hostdtest"
+	"hostd/hostd/vm"
 )
 
 // binDir holds the hostd and hostctl built once for all tests.
@@ -50,4 +52,23 @@ func sweep() {
 		_, _ = hostdtest.Virsh("destroy", n)
 		_, _ = hostdtest.Virsh("undefine", n)
 	}
+	// Warm slots are named by hostd, not by the tests: a slot whose
+	// hostd's state directory is gone is an orphan of a killed run (a live
+	// hostd's, another test run's included, still has its directory).
+	slots, _ := hostdtest.Domains(vm.SlotPrefix)
+	for _, n := range slots {
+		xml, err := hostdtest.Virsh("dumpxml", n)
+		m := slotRAM.FindStringSubmatch(xml)
+		if err != nil || m == nil {
+			continue
+		}
+		if _, err := os.Stat(m[1]); os.IsNotExist(err) {
+			_, _ = hostdtest.Virsh("destroy", n)
+			_, _ = hostdtest.Virsh("undefine", n)
+		}
+	}
 }
+
+// slotRAM finds the test daemon's scratch root in a slot's XML: its
+// files are under ROOT/state/vms/.
+var slotRAM = regexp.MustCompile(`(/[^"'<>\s;&]+)/state/vms/`)

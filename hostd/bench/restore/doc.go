@@ -26,6 +26,13 @@
 //     guest, prefetch unthrottled. lazy_resume_size_ratio is the second
 //     over the first: a lazy resume loads only the device state, so it
 //     should stay near 1 whatever the guest's size.
+//   - lazy_resume_ms_warm_1g: ResumeMS of a lazy restore of the same
+//     1 GiB restore point into the host's warm slot (a paused QEMU of
+//     that shape on an empty memory server, started before the restore
+//     call: the restore only claims it, loads the device state and
+//     resumes); the cold figures above pass slot "cold".
+//     warm_over_cold_resume_1g is it over lazy_resume_ms_1g. Before each
+//     warm restore the bench waits for the slot's refill.
 //   - full_resume_ms_1g: ResumeMS of a full restore of the same 1 GiB
 //     restore point (every non-zero page copied before the guest starts:
 //     the stop-and-copy baseline).

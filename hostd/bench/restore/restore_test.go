@@ -45,6 +45,10 @@ type bench struct {
 	c   *client.Client // the host's hostd
 }
 
+// warmMiB is the shape of the host's one warm slot (1 vCPU): the 1 GiB
+// source's.
+const warmMiB = 1024
+
 // source is an evacuated guest: its id at the backup and how far its
 // running workload had got.
 type source struct {
@@ -67,7 +71,10 @@ func setup(b *testing.B) *bench {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	b.Cleanup(cancel)
 	bk := hostdtest.StartBackup(b, bin, hostdtest.BackupOptions{})
-	d := hostdtest.Start(b, bin, hostdtest.Options{Edit: func(c *config.Config) { bk.HostTLS(c, "host1") }})
+	d := hostdtest.Start(b, bin, hostdtest.Options{Edit: func(c *config.Config) {
+		bk.HostTLS(c, "host1")
+		c.Restore.WarmSlots = []config.WarmSlot{{MemoryMiB: warmMiB, VCPUs: 1, Count: 1}}
+	}})
 	return &bench{b: b, ctx: ctx, bk: bk, c: d.Client}
 }
 
@@ -186,12 +193,19 @@ func decode(b *testing.B, report any, out any) {
 	}
 }
 
-// restore restores src as a new VM name. window, if set, runs once the
-// guest runs again and while the job still waits for residency (the lazy
-// window); it gets the restored guest's agent.
-func (e *bench) restore(src source, name, mode string, rate float64, window func(ac *agentclient.Client, jobID string)) protect.RestoreReport {
+// restore restores src as a new VM name, cold (its own QEMU) unless
+// warm; a warm restore must get the slot (its figure would be a cold one
+// otherwise). window, if set, runs once the guest runs again and while the
+// job still waits for residency (the lazy window); it gets the restored
+// guest's agent.
+func (e *bench) restore(src source, name, mode string, rate float64, warm bool, window func(ac *agentclient.Client, jobID string)) protect.RestoreReport {
 	b := e.b
-	j, err := e.c.Restore(e.ctx, protect.RestoreRequest{Backup: e.bk.Addr, ID: src.id, Name: name, Mode: mode, PrefetchRate: rate})
+	slot := "cold"
+	if warm {
+		slot = "auto"
+		e.slotReady()
+	}
+	j, err := e.c.Restore(e.ctx, protect.RestoreRequest{Backup: e.bk.Addr, ID: src.id, Name: name, Mode: mode, PrefetchRate: rate, Slot: slot})
 	if err != nil {
 		b.Fatalf("restore %s as %s: %v", src.id, name, err)
 	}
@@ -215,9 +229,29 @@ func (e *bench) restore(src source, name, mode string, rate float64, window func
 	}
 	var rep protect.RestoreReport
 	decode(b, e.wait(j, nil).Report, &rep)
+	if warm && rep.Slot == "" {
+		b.Fatalf("restore %s did not get the warm slot: %s", name, rep.ColdReason)
+	}
 	b.Logf("%s %s restore of %s (%d MiB, rate %.0f MiB/s): resume %.0f ms, resident %.0f ms, %.1f MiB fetched, %d remote faults (p50 %.0f us, p99 %.0f us), phases %+v",
 		mode, name, src.id, src.mib, rate/(1<<20), rep.ResumeMS, rep.ResidentMS, float64(rep.BytesFetched)/(1<<20), rep.Faults, rep.FaultP50US, rep.FaultP99US, rep.Phases)
 	return rep
+}
+
+// slotReady waits until the warm slot is ready (refilled after the last
+// warm restore).
+func (e *bench) slotReady() {
+	for end := time.Now().Add(5 * time.Minute); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
+		h, err := e.c.Host(e.ctx)
+		if err != nil {
+			e.b.Fatal(err)
+		}
+		for _, s := range h.WarmSlots {
+			if s.MemoryMiB == warmMiB && s.Ready > 0 {
+				return
+			}
+		}
+	}
+	e.b.Fatal("the warm slot never became ready")
 }
 
 // check verifies a restored guest after residency: region a's checksum is
@@ -300,10 +334,13 @@ func BenchmarkRestoreVM(b *testing.B) {
 		// Each restore is checked and deleted before the next; region a's
 		// checksum (slow under TCG: ~10 MiB/s) is taken on the first of
 		// each kind.
-		runs := func(src source, mode string, before func(name string)) (resume, resident []float64) {
+		runs := func(src source, mode string, warm bool, before func(name string)) (resume, resident []float64) {
 			for k := range repeats {
 				name := fmt.Sprintf("%s-%s%d", src.id, mode, k)
-				r := e.restore(src, name, mode, 0, nil)
+				if warm {
+					name = fmt.Sprintf("%s-warm%d", src.id, k)
+				}
+				r := e.restore(src, name, mode, 0, warm, nil)
 				resume, resident = append(resume, r.ResumeMS), append(resident, r.ResidentMS)
 				if before != nil && k == 0 {
 					before(name)
@@ -313,12 +350,13 @@ func BenchmarkRestoreVM(b *testing.B) {
 			return resume, resident
 		}
 		small := e.evacuated(prefix+"s128", 128, 32, 8, false)
-		r128, _ := runs(small, "lazy", nil)
+		r128, _ := runs(small, "lazy", false, nil)
 
 		big := e.evacuated(prefix+"s1g", 1024, 512, 64, true)
-		lazy, lazyResident := runs(big, "lazy", nil)
+		lazy, lazyResident := runs(big, "lazy", false, nil)
+		warm, _ := runs(big, "lazy", true, nil)
 		var fullRate float64
-		full, _ := runs(big, "full", func(name string) {
+		full, _ := runs(big, "full", false, func(name string) {
 			// A reference for the window figure: w in a guest that never
 			// had a lazy window.
 			ac := e.agent(name, false)
@@ -330,7 +368,7 @@ func BenchmarkRestoreVM(b *testing.B) {
 
 		var during, after float64
 		name := prefix + "s1g-window"
-		win := e.restore(big, name, "lazy", windowRate, func(ac *agentclient.Client, jobID string) {
+		win := e.restore(big, name, "lazy", windowRate, false, func(ac *agentclient.Client, jobID string) {
 			var sl []float64
 			during, sl = e.rate(ac, "w", measure)
 			j, err := e.c.Job(e.ctx, jobID)
@@ -350,9 +388,11 @@ func BenchmarkRestoreVM(b *testing.B) {
 		b.Logf("after residency: w %.0f pages/s %.0f", after, sl)
 		e.check(big, name, false)
 
-		b.Logf("resume ms: 128 MiB lazy %.0f, 1 GiB lazy %.0f (resident %.0f), 1 GiB full %.0f", r128, lazy, lazyResident, full)
+		b.Logf("resume ms: 128 MiB lazy %.0f, 1 GiB lazy %.0f (resident %.0f), 1 GiB lazy into a warm slot %.0f, 1 GiB full %.0f", r128, lazy, lazyResident, warm, full)
 		fmt.Printf("bench: lazy_resume_ms_128m %.0f ms\n", median(r128))
 		fmt.Printf("bench: lazy_resume_ms_1g %.0f ms\n", median(lazy))
+		fmt.Printf("bench: lazy_resume_ms_warm_1g %.0f ms\n", median(warm))
+		fmt.Printf("bench: warm_over_cold_resume_1g %.3f ratio\n", median(warm)/median(lazy))
 		fmt.Printf("bench: lazy_resume_size_ratio %.3f ratio\n", median(lazy)/median(r128))
 		fmt.Printf("bench: full_resume_ms_1g %.0f ms\n", median(full))
 		fmt.Printf("bench: residency_over_full_copy_vm %.3f ratio\n", median(lazyResident)/median(full))

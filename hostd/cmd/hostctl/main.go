@@ -8,7 +8,7 @@
 //	hostctl protect NAME -backup HOST:PORT [-bound 30s] [-epoch 0s] [-weight 1] [-wait] | unprotect NAME
 //	hostctl protection [NAME] | evacuate NAME [-deadline RFC3339 | -within D] [-after pause|destroy|resume] [-wait]
 //	hostctl epoch NAME | evacuate-host [-within D] [-wait]
-//	hostctl restore ID -backup HOST:PORT [-name N] [-mode lazy|full] [-restore-point E] [-prefetch-rate B] [-wait]
+//	hostctl restore ID -backup HOST:PORT [-name N] [-mode lazy|full] [-restore-point E] [-prefetch-rate B] [-slot auto|cold] [-wait]
 //	hostctl job list | get ID | wait ID
 //	hostctl events
 //	hostctl metrics
@@ -83,7 +83,7 @@ func usage() {
                                         pause, final flush, device state, restorable commit
   evacuate-host [-within D] [-wait]     evacuate every protected VM at once
   epoch NAME                            take a crash-consistent restore point now
-  restore ID -backup HOST:PORT [-name N] [-mode lazy|full] [-prefetch-rate B/s] [-wait]
+  restore ID -backup HOST:PORT [-name N] [-mode lazy|full] [-prefetch-rate B/s] [-slot auto|cold] [-wait]
                                         bring a VM back from a backup (job ends when fully resident)
   job list | job get ID | job wait ID
   events                                stream events (one JSON object per line)
@@ -108,12 +108,20 @@ func (a *cli) run(ctx context.Context, args []string) error {
 		if a.json {
 			return a.printJSON(h)
 		}
-		return a.table([]string{"FIELD", "VALUE"}, [][]string{
+		rows := [][]string{
 			{"version", h.Version}, {"roles", strings.Join(h.Roles, ",")},
 			{"hypervisor", h.Hypervisor}, {"library", h.Library}, {"uri", h.URI}, {"accel", string(h.Accel)},
 			{"cpu", fmt.Sprintf("%s (%d CPUs)", h.CPUModel, h.CPUs)},
 			{"memory", fmt.Sprintf("%d MiB (%d free)", h.MemoryMiB, h.FreeMemoryMiB)},
-		})
+		}
+		for _, s := range h.WarmSlots {
+			v := fmt.Sprintf("%d MiB, %d vCPUs: %d of %d ready, %d starting, %d claimed", s.MemoryMiB, s.VCPUs, s.Ready, s.Count, s.Filling, s.Claims)
+			if s.LastError != "" {
+				v += "; last error: " + s.LastError
+			}
+			rows = append(rows, []string{"warm slot", v})
+		}
+		return a.table([]string{"FIELD", "VALUE"}, rows)
 	case "vm":
 		return a.vm(ctx, args[1:])
 	case "job":

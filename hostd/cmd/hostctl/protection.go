@@ -27,6 +27,7 @@ func (a *cli) protection(ctx context.Context, cmd string, args []string) error {
 	as := fs.String("name", "", "restore: name on this host (default: the id)")
 	epochN := fs.Uint64("restore-point", 0, "restore: epoch (default: the latest)")
 	prefetch := fs.Float64("prefetch-rate", 0, "restore: prefetch bytes/s (0: unlimited)")
+	slot := fs.String("slot", "auto", "restore: auto (into a warm slot that fits, if one is ready) or cold")
 	name, rest := "", args
 	if len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
 		name, rest = rest[0], rest[1:]
@@ -100,7 +101,7 @@ func (a *cli) protection(ctx context.Context, cmd string, args []string) error {
 		}
 		return a.jobOut(j, err)
 	case "restore":
-		j, err := a.c.Restore(ctx, protect.RestoreRequest{Backup: *backup, ID: name, Name: *as, Epoch: *epochN, Mode: *mode, PrefetchRate: *prefetch})
+		j, err := a.c.Restore(ctx, protect.RestoreRequest{Backup: *backup, ID: name, Name: *as, Epoch: *epochN, Mode: *mode, PrefetchRate: *prefetch, Slot: *slot})
 		if err == nil && *wait {
 			j, err = a.c.WaitJob(ctx, j.ID)
 		}
