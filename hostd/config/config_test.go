@@ -29,6 +29,9 @@ func TestLoadErrors(t *testing.T) {
 		"parse duration":           "[hypervisor]\nshutdown_timeout = \"soon\"\n",
 		"must be positive":         "[hypervisor]\nshutdown_timeout = \"-1s\"\n",
 		"log.level":                "[log]\nlevel = \"loud\"\n",
+		"warm_slots[0].vcpus":      "[restore]\nwarm_slots = [{memory_mib = 256, count = 1}]\n",
+		"warm_slots[1]: a second":  "[restore]\nwarm_slots = [{memory_mib = 256, vcpus = 1, count = 1}, {memory_mib = 256, vcpus = 1, count = 2}]\n",
+		"is below the minimum":     "[restore]\nwarm_slots = [{memory_mib = 8, vcpus = 1, count = 1}]\n",
 	}
 	for want, body := range cases {
 		p := filepath.Join(dir, "c.toml")
