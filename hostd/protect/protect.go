@@ -340,6 +340,7 @@ func (m *Manager) List(ctx context.Context) ([]Status, error) {
 // start and restarts their epoch loops. A protected VM whose memory server
 // is gone is reported: its guest lost its memory with it.
 func (m *Manager) Resume(ctx context.Context) {
+	m.resumePrefetch(ctx)
 	recs, err := store.List[Record](m.st, store.BucketProtection)
 	if err != nil {
 		m.log.Error("read protections", "err", err)
@@ -362,6 +363,31 @@ func (m *Manager) Resume(ctx context.Context) {
 			m.log.Info("protection resumed", "vm", r.VM, "state", st.State, "acked_epoch", st.AckedEpoch, "restorable_epoch", st.RestorableEpoch)
 		}
 		m.startEpochs(r)
+	}
+}
+
+// resumePrefetch starts the prefetch of lazily restored VMs that are not
+// resident yet: a hostd that died between a restore's resume and its
+// StartPrefetch left it held (StartPrefetch is a no-op where it runs).
+func (m *Manager) resumePrefetch(ctx context.Context) {
+	vms, err := m.vms.List(ctx)
+	if err != nil {
+		m.log.Warn("list VMs to resume their restores' prefetch", "err", err)
+		return
+	}
+	for _, v := range vms {
+		if !v.Restored || !v.ServedMemory || v.State != xen.StateRunning {
+			continue
+		}
+		c, err := m.mem.Client(ctx, v.Domain())
+		if err != nil {
+			continue
+		}
+		if st, err := c.Status(ctx); err == nil && st.Restore != nil && !st.FullyResident {
+			if err := c.StartPrefetch(ctx); err != nil {
+				m.log.Warn("resume a restore's prefetch", "vm", v.Name, "err", err)
+			}
+		}
 	}
 }
 
