@@ -108,15 +108,22 @@ func (fs *FS) preloadFile() (*os.File, error) {
 		return nil, fmt.Errorf("fadvise: %w", err)
 	}
 	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	if fs.closed || fs.preloadF != nil {
+	won, closed := fs.preloadF, fs.closed
+	if !closed && won == nil {
+		fs.preloadF = f
+	}
+	fs.mu.Unlock()
+	if closed || won != nil {
+		// Another preload opened one first. Closed without mu: the
+		// close's FLUSH makes the kernel write back the file's dirty
+		// pages, whose WRITEs memfs serves under mu (this deadlocked
+		// once a guest ran on the file while the prefetch began).
 		f.Close()
-		if fs.closed {
+		if closed {
 			return nil, fmt.Errorf("unmounted")
 		}
-		return fs.preloadF, nil
+		return won, nil
 	}
-	fs.preloadF = f
 	return f, nil
 }
 

@@ -174,7 +174,8 @@ func (s *server) claim(ctx context.Context, rc Restore) error {
 	}
 	cfg := s.cfg
 	cfg.Restore = &rc
-	rs, err := openRestore(ctx, cfg, s.log)
+	// The server's context, not the request's: the restore outlives the claim.
+	rs, err := openRestore(s.ctx, cfg, s.log)
 	if err != nil {
 		return badGateway(fmt.Errorf("%s: %w", op, err))
 	}
