@@ -157,7 +157,7 @@ func (ss *slotSource) set(src memfs.Source) {
 // mount's Source switches to it. A slot whose file was read or written
 // already is refused and stays unusable: the kernel may hold those pages,
 // which would shadow the restore point's.
-func (s *server) claim(ctx context.Context, rc Restore) error {
+func (s *server) claim(rc Restore) error {
 	op := "claim slot " + s.cfg.VM
 	if err := s.lockOp(op); err != nil {
 		return err
@@ -215,7 +215,7 @@ func (s *server) restoreRoutes(mux *http.ServeMux, handle func(string, func(*htt
 		if err := decodeJSON(r, &rc); err != nil {
 			return nil, err
 		}
-		return nil, s.claim(r.Context(), rc)
+		return nil, s.claim(rc)
 	})
 	handle("POST "+pathRestorePrefetch, func(*http.Request) (any, error) {
 		if s.restoring() == nil {
