@@ -6,6 +6,7 @@ import (
 	"hash/crc32"
 	"strconv"
 	"testing"
+	"time"
 
 	"hostd/checkpoint/memfs/memfstest"
 )
@@ -68,4 +69,46 @@ func TestPreloadNeverRollsBack(t *testing.T) {
 		t.Fatalf("the reader faulted %d reads after the preload", src.count()-reads)
 	}
 	t.Logf("preload %+v; stats %+v", res, fs.Stats())
+}
+
+// TestConcurrentFirstPreloadsWithDirtyPages: the first preloads race to
+// open the preload handle while the file has dirty pages (a guest ran on
+// it before the prefetch began). A losing handle's close makes the kernel
+// write those pages back through memfs; closed under memfs's lock, that
+// deadlocked every WRITE and then the whole mount.
+func TestConcurrentFirstPreloadsWithDirtyPages(t *testing.T) {
+	const size = 16 << 20
+	fs := mount(t, Options{Size: size, Sink: FileSink{sinkFile(t, size)}, Source: &patternSource{}})
+	var dirty []int64
+	for p := int64(0); p < size/PageSize; p += 4 {
+		dirty = append(dirty, p)
+	}
+	writer(t, memfstest.Spec{Path: fs.Path(), Size: size, Mode: "stamp", Seed: 0x3c, Pages: dirty, NoSync: true})
+	const workers = 8
+	errs := make(chan error, workers)
+	for i := range workers {
+		go func() {
+			chunk := int64(size / workers)
+			_, err := fs.Preload(context.Background(), int64(i)*chunk, chunk)
+			errs <- err
+		}()
+	}
+	deadline := time.After(2 * time.Minute)
+	for range workers {
+		select {
+		case err := <-errs:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-deadline:
+			t.Fatal("concurrent first preloads never returned: deadlocked")
+		}
+	}
+	got := writer(t, memfstest.Spec{Path: fs.Path(), Size: size, Mode: "hash", Pages: dirty[:8], NoSync: true})
+	want := crc32.Checksum(bytes.Repeat([]byte{0x3c}, PageSize), crc32.MakeTable(crc32.Castagnoli))
+	for i, s := range got.Sums {
+		if s != want {
+			t.Fatalf("dirty page %d lost its content to a preload: crc %08x", dirty[i], s)
+		}
+	}
 }
