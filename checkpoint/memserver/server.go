@@ -75,6 +75,10 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err := prepareMountPoint(cfg.Dir); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
+	if err := shareMountPoint(cfg.Dir); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	defer unix.Unmount(cfg.Dir, unix.MNT_DETACH) // the shared bind, once the mount is gone
 	ln, err := listenControl(cfg.Socket)
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
@@ -197,6 +201,33 @@ func prepareMountPoint(dir string) error {
 	}
 	if parent.Dev != st.Dev {
 		return fmt.Errorf("%s: something is mounted there already (another memory server?); unmount it first", op)
+	}
+	return nil
+}
+
+// shareMountPoint makes dir a shared mount of its own (a bind of itself)
+// before the RAM file is mounted on it. libvirt starts each QEMU in a mount
+// namespace of its own, a copy of the host's: a QEMU started while this
+// server runs holds a copy of the RAM mount, and where the parent mount is
+// private (here "/" is) the unmount at teardown does not reach that copy.
+// The copy keeps the FUSE connection alive, so the unmount never completes
+// and the server never exits (seen: a slot's QEMU started while a restored
+// VM ran held that VM's mount). Under a shared parent the unmount
+// propagates into the copies (they are its slaves). A bind a killed server
+// left is replaced (prepareMountPoint refused anything else mounted there).
+func shareMountPoint(dir string) error {
+	op := "share mount point " + dir
+	for range 8 {
+		if unix.Unmount(dir, unix.MNT_DETACH) != nil {
+			break // no (more) leftover binds
+		}
+	}
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("%s: bind: %w", op, err)
+	}
+	if err := unix.Mount("", dir, "", unix.MS_SHARED, ""); err != nil {
+		unix.Unmount(dir, unix.MNT_DETACH)
+		return fmt.Errorf("%s: make shared: %w", op, err)
 	}
 	return nil
 }

@@ -2,6 +2,8 @@ package integration
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -124,6 +126,10 @@ func TestWarmSlotRestore(t *testing.T) {
 	if doms, _ := hostdtest.Domains(r.Slot); len(doms) != 0 {
 		t.Fatalf("deleting the VM left its slot domain %v", doms)
 	}
+	// Its memory server exits: the refill's QEMU, started while the VM
+	// ran, has a copy of the VM's RAM mount in its mount namespace, which
+	// must not keep the server's unmount waiting.
+	memserverGone(t, d, r.Slot)
 
 	// kill -9, then another slot shape: the old slot must go; the VM no
 	// slot fits comes back cold.
@@ -178,4 +184,26 @@ func slotDomains(t *testing.T, d *hostdtest.Daemon, prefix string) []string {
 		}
 	}
 	return out
+}
+
+// memserverGone waits (bounded) until no memory server of daemon d serves
+// domain dom any more.
+func memserverGone(t *testing.T, d *hostdtest.Daemon, dom string) {
+	t.Helper()
+	marker := filepath.Join(d.Config.StateDir, "vms", dom, "memserver.json")
+	for i := 0; i < 300; i++ {
+		alive := false
+		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+		for _, p := range procs {
+			if b, err := os.ReadFile(p); err == nil && strings.Contains(string(b), marker) {
+				alive = true
+				break
+			}
+		}
+		if !alive {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("the memory server of %s still runs after its VM was deleted", dom)
 }
