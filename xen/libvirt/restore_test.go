@@ -173,4 +173,24 @@ func TestSaveRestore(t *testing.T) {
 	if caps, err := mon.MigrationCapabilities(ctx, dst.Name); err != nil || !caps["x-ignore-shared"] {
 		t.Fatalf("migration capabilities: %v, %v", caps, err)
 	}
+
+	// Redefined without Incoming while it runs: the guest runs on, and
+	// the next start boots it instead of waiting for a migration.
+	if err := d.ClearIncoming(ctx, dst.Name); err != nil {
+		t.Fatalf("ClearIncoming: %v", err)
+	}
+	if info, err := d.Domain(ctx, dst.Name); err != nil || info.State != xen.StateRunning {
+		t.Fatalf("after ClearIncoming: %+v, %v", info, err)
+	}
+	agentPing(t, dst.AgentSocket)
+	if err := d.Destroy(ctx, dst.Name); err != nil {
+		t.Fatalf("Destroy restored: %v", err)
+	}
+	if info, err := d.Domain(ctx, dst.Name); err != nil || info.Spec == nil || info.Spec.Incoming {
+		t.Fatalf("stopped restored domain still defined with incoming: %+v, %v", info.Spec, err)
+	}
+	if err := d.Start(ctx, dst.Name); err != nil {
+		t.Fatalf("Start the restored domain again: %v", err)
+	}
+	waitSerial(t, dst.SerialLog, "HOSTD-AGENT READY", 2, bootTimeout)
 }
