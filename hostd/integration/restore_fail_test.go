@@ -368,3 +368,54 @@ func checkRAMPage(t *testing.T, ramPath string, off int64, want []byte) {
 		t.Fatalf("RAM file page at %#x: %v, content right: %v", off, err, bytes.Equal(got, want))
 	}
 }
+
+// hostd stopped (SIGTERM) in the middle of a lazy restore: the restored
+// guest is running, so the job's end must not tear it down; the next hostd
+// adopts it, its memory server finishes the restore, and its memory is
+// right.
+func TestRestoreSurvivesHostdStop(t *testing.T) {
+	d, bk := protectedHost(t, 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c := d.Client
+	src := prefix + "rssrc"
+	epoch, before := evacuatedSource(t, ctx, d, bk, src, 35)
+	evs := watchEvents(t, ctx, c)
+	name := prefix + "rs"
+	j, err := c.Restore(ctx, protect.RestoreRequest{Backup: bk.Addr, ID: src, Name: name, Epoch: epoch, PrefetchRate: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs.wait(t, "vm.restored", name, 2*time.Minute)
+	if j, err = c.Job(ctx, j.ID); err != nil || j.State != jobs.Running {
+		t.Fatalf("the restore is not lazy any more when hostd is to stop: %v %+v", err, j)
+	}
+	d.Restart()
+	if j, err = c.Job(ctx, j.ID); err != nil || j.State != jobs.Failed {
+		t.Fatalf("the interrupted restore job: %v %+v", err, j)
+	}
+	t.Logf("interrupted job: %s", j.Error)
+	v, err := c.VM(ctx, name)
+	if err != nil || v.State != "running" {
+		t.Fatalf("the restored VM after hostd's restart: %v %+v", err, v)
+	}
+	ms, err := memserver.Attach(ctx, filepath.Join(d.Config.RunDir, "mem", name+".sock"))
+	if err != nil {
+		t.Fatalf("memory server of %s after hostd's restart: %v", name, err)
+	}
+	for i := 0; ; i++ {
+		st, err := ms.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.FullyResident {
+			t.Logf("resident after the restart: %+v", *st.Restore)
+			break
+		}
+		if i == 1800 {
+			t.Fatalf("not resident 3 minutes after hostd's restart: %+v", *st.Restore)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	checkRestored(t, ctx, c, name, before)
+}
