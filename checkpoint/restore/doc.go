@@ -17,7 +17,11 @@
 // Faults fetch just the pages the kernel's READ asks for, over a
 // connection of their own, so a fault waits for one round trip and its own
 // bytes (optionally the aligned chunk around it follows in the background:
-// Config.FaultChunk); the mount's read-ahead sets how much a fault reads
+// Config.FaultChunk). A fault never waits for a prefetch chunk that covers
+// its page (4 MiB, perhaps queued behind others): it fetches the page
+// itself, and whichever copy lands first is the one the cache file keeps;
+// it waits only for another fault already fetching the page. The mount's
+// read-ahead sets how much a fault reads
 // (memfs.Options.ReadAhead: one page is best for a lazy restore). The
 // prefetcher and Full sweep in large chunks over another connection (the
 // backup gives both fair turns on its disk), most recently dirtied pages

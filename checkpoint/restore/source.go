@@ -10,10 +10,14 @@ import (
 	"hostd/checkpoint/wire"
 )
 
-// flight is a fetch of pages [first, first+n) in progress; a reader that
-// needs one of them waits for it instead of fetching again.
+// flight is a fetch of pages [first, first+n) in progress. A reader that
+// needs one of its pages waits for it if it is another fault's (a page or
+// a few on the fault link); if it is a sweep's chunk (or the chunk around
+// another fault), which can take many times as long and may still be
+// waiting for its turn, the reader fetches its pages itself.
 type flight struct {
 	first, n int64
+	fault    bool // on the fault link, for a reader that waits for it
 	done     chan struct{}
 }
 
@@ -119,7 +123,7 @@ func (r *Restorer) plan(first, n int64) (mine, waits, around []*flight, err erro
 		if e := r.bad[pg]; e != nil {
 			return nil, nil, nil, e
 		}
-		if f := r.inflight[pg]; f != nil {
+		if f := r.inflight[pg]; f != nil && f.fault {
 			if !seen[f] {
 				seen[f] = true
 				waits = append(waits, f)
@@ -134,11 +138,15 @@ func (r *Restorer) plan(first, n int64) (mine, waits, around []*flight, err erro
 	if lo < 0 {
 		return nil, waits, nil, nil
 	}
-	mine = r.flightsLocked(lo, hi, wire.MaxData/pageSize, nil)
+	// Pages a sweep's chunk is bringing are fetched again here: one round
+	// trip on the fault link instead of the chunk's transfer (and its wait
+	// behind the other chunks in flight). Whichever copy lands first makes
+	// the page present; both are the same verified bytes.
+	mine = r.flightsLocked(lo, hi, wire.MaxData/pageSize, true, nil)
 	chunk := r.cfg.FaultChunk / pageSize
 	clo, chi := lo/chunk*chunk, min((hi+chunk-1)/chunk*chunk, r.cfg.Size/pageSize)
 	if !r.closed {
-		around = append(r.flightsLocked(clo, lo, chunk, nil), r.flightsLocked(hi, chi, chunk, nil)...)
+		around = append(r.flightsLocked(clo, lo, chunk, false, nil), r.flightsLocked(hi, chi, chunk, false, nil)...)
 		r.bg.Add(len(around)) // under mu: Close waits for them
 	}
 	return mine, waits, around, nil
@@ -146,12 +154,16 @@ func (r *Restorer) plan(first, n int64) (mine, waits, around []*flight, err erro
 
 // flightsLocked registers flights for the pages of [lo, hi) that must be
 // brought and nobody is bringing: contiguous runs of at most maxPages.
-// skip, if set, vetoes pages (the prefetcher's check against memfs).
-func (r *Restorer) flightsLocked(lo, hi, maxPages int64, skip func(pg int64) bool) []*flight {
+// Fault flights also take pages only sweep (non-fault) flights are
+// bringing: later readers of those pages wait for the fault's flight; the
+// sweep's copy, when it lands, changes nothing (see bring). skip, if set,
+// vetoes pages (the prefetcher's check against memfs).
+func (r *Restorer) flightsLocked(lo, hi, maxPages int64, fault bool, skip func(pg int64) bool) []*flight {
 	var out []*flight
 	var cur *flight
 	for pg := lo; pg < hi; pg++ {
-		need := r.nonzero.Has(pg) && !r.present.Has(pg) && !r.superseded.Has(pg) && r.bad[pg] == nil && r.inflight[pg] == nil
+		f := r.inflight[pg]
+		need := r.needLocked(pg) && (f == nil || fault && !f.fault)
 		if need && skip != nil && skip(pg) {
 			need = false
 		}
@@ -160,7 +172,7 @@ func (r *Restorer) flightsLocked(lo, hi, maxPages int64, skip func(pg int64) boo
 			continue
 		}
 		if cur == nil || cur.n == maxPages {
-			cur = &flight{first: pg, done: make(chan struct{})}
+			cur = &flight{first: pg, fault: fault, done: make(chan struct{})}
 			out = append(out, cur)
 		}
 		cur.n++
@@ -205,10 +217,11 @@ func (r *Restorer) bring(ctx context.Context, l *link, f *flight, sequential boo
 		pg := f.first + int64(i)
 		page := buf[int64(i)*pageSize : int64(i+1)*pageSize]
 		var perr error
+		var typ string
 		switch {
 		case wire.Checksum(page) != sums[i].CRC:
 			perr = fmt.Errorf("page %d (offset %d): crc %08x, the backup stored %08x: %w", pg, pg*pageSize, wire.Checksum(page), sums[i].CRC, ErrCorrupt)
-			refused = append(refused, Event{Type: EventCorrupt, Page: pg, Error: perr.Error()})
+			typ = EventCorrupt
 		case sums[i].Epoch > r.epoch:
 			if wrote != nil && wrote(pg) {
 				// The restored guest's own write, committed by its own
@@ -219,7 +232,7 @@ func (r *Restorer) bring(ctx context.Context, l *link, f *flight, sequential boo
 				continue
 			}
 			perr = fmt.Errorf("page %d: last written in epoch %d, after restore point %d: %w", pg, sums[i].Epoch, r.epoch, ErrMoved)
-			refused = append(refused, Event{Type: EventMoved, Page: pg, Error: perr.Error()})
+			typ = EventMoved
 		default:
 			good[i] = true
 			continue
@@ -227,13 +240,27 @@ func (r *Restorer) bring(ctx context.Context, l *link, f *flight, sequential boo
 		if firstErr == nil {
 			firstErr = perr
 		}
+		// A fault and a sweep may both have fetched the page: refuse and
+		// report it once.
 		r.mu.Lock()
-		if r.bad[pg] == nil {
+		if r.bad[pg] == nil && !r.present.Has(pg) {
 			r.bad[pg] = perr
 			r.st.CorruptPages++
+			refused = append(refused, Event{Type: typ, Page: pg, Error: perr.Error()})
 		}
 		r.mu.Unlock()
 	}
+	// Pages another flight made present meanwhile (a fault took them from
+	// this sweep's chunk, or the other way round) are not written again:
+	// the cache file already holds the same verified bytes, and a page
+	// may be superseded by the guest's own write since.
+	r.mu.Lock()
+	for i := range good {
+		if pg := f.first + int64(i); good[i] && (r.present.Has(pg) || r.superseded.Has(pg)) {
+			good[i] = false
+		}
+	}
+	r.mu.Unlock()
 	// Write runs of good pages, then mark them: a page is present only
 	// once the cache file holds it.
 	for i := int64(0); i < f.n; {
@@ -259,6 +286,11 @@ func (r *Restorer) bring(ctx context.Context, l *link, f *flight, sequential boo
 		i = j
 	}
 	return firstErr
+}
+
+// needLocked: page pg must still be brought (in flight or not).
+func (r *Restorer) needLocked(pg int64) bool {
+	return r.nonzero.Has(pg) && !r.present.Has(pg) && !r.superseded.Has(pg) && r.bad[pg] == nil
 }
 
 func (r *Restorer) supersedeLocked(pg int64) {

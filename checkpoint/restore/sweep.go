@@ -160,8 +160,27 @@ feed:
 // step brings the missing pages of one window: flights for them (pages
 // the guest wrote count as superseded), rate-limited, then preloaded.
 func (r *Restorer) step(ctx context.Context, s step, lim *rate.Limiter, fs *memfs.FS, wrote func(int64) bool) error {
+	if lim != nil {
+		// The rate is waited for before the window's flights exist, so a
+		// fault meanwhile finds its page free, not "in flight" behind the
+		// limiter.
+		r.mu.Lock()
+		var n int64
+		for pg := s.lo; pg < s.hi; pg++ {
+			if r.needLocked(pg) && r.inflight[pg] == nil {
+				n++
+			}
+		}
+		r.mu.Unlock()
+		if n == 0 {
+			return nil
+		}
+		if err := lim.WaitN(ctx, int(n*pageSize)); err != nil {
+			return err
+		}
+	}
 	r.mu.Lock()
-	fl := r.flightsLocked(s.lo, s.hi, s.hi-s.lo, func(pg int64) bool {
+	fl := r.flightsLocked(s.lo, s.hi, s.hi-s.lo, false, func(pg int64) bool {
 		if wrote != nil && wrote(pg) {
 			r.supersedeLocked(pg)
 			return true
@@ -171,18 +190,6 @@ func (r *Restorer) step(ctx context.Context, s step, lim *rate.Limiter, fs *memf
 	r.mu.Unlock()
 	if len(fl) == 0 {
 		return nil
-	}
-	var n int64
-	for _, f := range fl {
-		n += f.n
-	}
-	if lim != nil {
-		if err := lim.WaitN(ctx, int(n*pageSize)); err != nil {
-			for _, f := range fl {
-				r.abandon(f)
-			}
-			return err
-		}
 	}
 	errs := make(chan error, len(fl))
 	for _, f := range fl {
@@ -240,18 +247,6 @@ func (r *Restorer) preload(ctx context.Context, s step, fs *memfs.FS) {
 			return
 		}
 	}
-}
-
-// abandon unregisters a flight that never ran.
-func (r *Restorer) abandon(f *flight) {
-	r.mu.Lock()
-	for pg := f.first; pg < f.first+f.n; pg++ {
-		if r.inflight[pg] == f {
-			delete(r.inflight, pg)
-		}
-	}
-	close(f.done)
-	r.mu.Unlock()
 }
 
 // waitFlights waits for every flight in progress now.

@@ -8,6 +8,8 @@ import (
 	"hostd/checkpoint/backupclient"
 	"hostd/checkpoint/memserver"
 	"hostd/checkpoint/pki"
+	"hostd/checkpoint/restore"
+	"hostd/checkpoint/wire"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/vm"
@@ -138,9 +140,12 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 	// owned: the memory server of dom is this restore's; defined: so is
 	// the VM's record and domain. A failure removes what is this
 	// restore's, never what a concurrent request made under the name.
-	dom, owned, defined := name, false, false
+	dom, owned, defined, resumed := name, false, false, false
 	defer func() {
-		if err == nil || !owned {
+		// Once resumed the VM is running like any other: a job that
+		// fails after that (hostd stopping, refused pages) leaves it to
+		// run.
+		if err == nil || !owned || resumed {
 			return
 		}
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
@@ -184,6 +189,13 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 		s = time.Now()
 		var ramPath string
 		if ramPath, err = m.mem.serve(ctx, memserver.Config{VM: name, Size: info.ImageSize, Restore: &mr}); err != nil {
+			// A memory server that died starting (a full copy met a
+			// refused page) leaves its cache file, as large as the
+			// guest's data: remove it unless a memory server runs for
+			// the name after all.
+			if _, cerr := m.mem.Client(ctx, name); cerr != nil {
+				m.vms.RemoveFiles(name)
+			}
 			return rep, fmt.Errorf("%s: %w", op, err)
 		}
 		owned = true
@@ -211,6 +223,7 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 	if err = m.hv.Resume(ctx, dom); err != nil {
 		return rep, fmt.Errorf("%s: resume: %w", op, err)
 	}
+	resumed = true
 	phase("resume", s, 0)
 	rep.ResumeMS = ms(time.Since(t0))
 	// The prefetch starts now, not with the memory server: before the
@@ -243,6 +256,7 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 	p.Set(0.6, "prefetch")
 	s = time.Now()
 	var seen int64
+	firstRefused := int64(-1)
 	for {
 		st, serr := c.Status(ctx)
 		if serr != nil {
@@ -252,8 +266,19 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 			fresh := min(int(st.RestoreEventSeq-seen), len(st.RestoreEvents))
 			for _, e := range st.RestoreEvents[len(st.RestoreEvents)-fresh:] {
 				m.ev.Publish(events.Event{Type: e.Type, VM: name, Data: e})
+				if (e.Type == restore.EventCorrupt || e.Type == restore.EventMoved) && firstRefused < 0 {
+					firstRefused = e.Page
+				}
 			}
 			seen = st.RestoreEventSeq
+		}
+		// Every page is local but those the restore refused (their copy
+		// at the backup fails its checksum, or is newer than the restore
+		// point): the prefetcher has stopped and residency never comes.
+		if r := st.Restore; r != nil && r.CorruptPages > 0 && r.PresentBytes+r.CorruptPages*wire.PageSize >= r.TotalBytes {
+			return rep, fmt.Errorf("%s: %w: %d pages of restore point %d were refused, corrupt or overwritten at the backup (first: page %d; see the restore.corrupt_page and restore.page_moved events); "+
+				"they were never handed to the guest, every other page is local; the VM runs on but a read of a refused page fails and stops it: "+
+				"delete it and restore again once the backup's copy is repaired", op, restore.ErrCorrupt, r.CorruptPages, info.Epoch, firstRefused)
 		}
 		if st.ResidentTotal > 0 {
 			p.Set(0.6+0.4*float64(st.Resident)/float64(st.ResidentTotal), "prefetch")
