@@ -72,9 +72,13 @@ func swappingVM(t *testing.T, ctx context.Context, d *hostdtest.Daemon, rh *host
 // pressure starts a swappable workload larger than the balloon target and
 // shrinks the VM under it, then waits until the guest has really paged
 // pages out to the device, and in again.
-func pressure(t *testing.T, ctx context.Context, d *hostdtest.Daemon, ac *agentclient.Client, name, region string, seed uint64) {
+func pressure(t *testing.T, ctx context.Context, d *hostdtest.Daemon, ac *agentclient.Client, name, region string, sizeMiB, seed uint64) {
 	t.Helper()
-	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: region, SizeMiB: 160, Seed: seed, Swappable: true}); err != nil {
+	before, err := d.Client.Swap(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: region, SizeMiB: sizeMiB, Seed: seed, Swappable: true}); err != nil {
 		t.Fatalf("dirty: %v", err)
 	}
 	if _, err := d.Client.SetMemory(ctx, name, 112); err != nil {
@@ -87,7 +91,7 @@ func pressure(t *testing.T, ctx context.Context, d *hostdtest.Daemon, ac *agentc
 		}
 		// 16 MiB written out and read back: the workload's passes go
 		// through swap.
-		if st.Stats.WriteBytes > 16<<20 && st.Stats.ReadBytes > 16<<20 {
+		if st.Stats.WriteBytes-before.Stats.WriteBytes > 16<<20 && st.Stats.ReadBytes-before.Stats.ReadBytes > 16<<20 {
 			t.Logf("swap: %d MiB written, %d MiB read, %d pages remote, %d local only, %.0f ops/s",
 				st.Stats.WriteBytes>>20, st.Stats.ReadBytes>>20, st.Stats.PagesRemote, st.Stats.PagesLocalOnly, st.Stats.OpsPerSec)
 			return
@@ -127,7 +131,7 @@ func TestSwapGuestBallooned(t *testing.T) {
 	}
 	name := prefix + "swap"
 	ac := swappingVM(t, ctx, d, rh, name)
-	pressure(t, ctx, d, ac, name, "ws", 7)
+	pressure(t, ctx, d, ac, name, "ws", 160, 7)
 	stopAndVerify(t, ctx, ac, "ws")
 
 	st, err := d.Client.Swap(ctx, name)
@@ -176,7 +180,7 @@ func TestSwapRepoKilled(t *testing.T) {
 	defer cancel()
 	name := prefix + "swapkill"
 	ac := swappingVM(t, ctx, d, rh, name)
-	pressure(t, ctx, d, ac, name, "ws", 11)
+	pressure(t, ctx, d, ac, name, "ws", 160, 11)
 	before, err := d.Client.Swap(ctx, name)
 	if err != nil {
 		t.Fatal(err)
@@ -205,7 +209,9 @@ func TestSwapRepoKilled(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	pressure(t, ctx, d, ac, name, "ws2", 12)
+	// The first region stays allocated (half of it in swap): a second
+	// one of 96 MiB keeps the guest paging.
+	pressure(t, ctx, d, ac, name, "ws2", 96, 12)
 	stopAndVerify(t, ctx, ac, "ws2")
 	if _, err := ac.VerifyChecksum(ctx, "ws"); err != nil {
 		t.Errorf("first region after the restart: %v", err)
