@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -106,6 +109,11 @@ func TestPutRefusesBadRequests(t *testing.T) {
 			t.Errorf("%s: %v, want %v", tc.what, err, tc.want)
 		}
 	}
+	// A local disk that cannot hold the write-through copy: refused up front.
+	e.cfg.Swap.MaxSizeMiB = 1 << 40
+	if _, err := e.manager(t).Put(ctx, "web", Request{SizeMiB: 1 << 40, Repos: good.Repos}); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "free") {
+		t.Errorf("disk too small: %v, want ErrInvalid saying what is free", err)
+	}
 	e.cfg.Swap.TLS = config.TLS{}
 	if _, err := e.manager(t).Put(ctx, "web", good); !errors.Is(err, ErrNotConfigured) {
 		t.Errorf("no swap tls: %v, want ErrNotConfigured", err)
@@ -148,6 +156,25 @@ func TestPutServesAndSamples(t *testing.T) {
 	got := make([]byte, 4096)
 	if err := c.ReadAt(ctx, got, 99*4096); err != nil || !bytes.Equal(got, page) {
 		t.Fatalf("read back: %v", err)
+	}
+	// Malformed input on the socket: a connection that sends garbage
+	// instead of the handshake is dropped, a request past the end is
+	// refused, and the device goes on serving.
+	raw, err := net.Dial("unix", st.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = raw.SetDeadline(time.Now().Add(10 * time.Second))
+	_, _ = raw.Write(bytes.Repeat([]byte("garbage!"), 64))
+	if _, err := io.Copy(io.Discard, raw); err != nil {
+		t.Errorf("the server kept a garbage connection open: %v", err)
+	}
+	raw.Close()
+	if err := c.ReadAt(ctx, got, st.Stats.Size); err == nil {
+		t.Error("a read past the end succeeded")
+	}
+	if err := c.ReadAt(ctx, got, 99*4096); err != nil || !bytes.Equal(got, page) {
+		t.Fatalf("read after malformed requests: %v", err)
 	}
 	for seen := false; !seen; {
 		select {
