@@ -294,3 +294,29 @@ func TestSwapBadInputs(t *testing.T) {
 }
 
 func vmRequest(name string, mib uint64) vm.Request { return vm.Request{Name: name, MemoryMiB: mib} }
+
+// hostd restarts under a guest that swaps: the disk's NBD reconnect delay
+// holds QEMU's requests, the new hostd serves the device again from its
+// local file, and the guest's pages are intact.
+func TestSwapSurvivesHostdRestart(t *testing.T) {
+	d, rh := swapHost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	name := prefix + "swaprst"
+	ac := swappingVM(t, ctx, d, rh, name)
+	pressure(t, ctx, d, ac, name, "ws", 160, 21)
+	d.Restart()
+	st, err := d.Client.Swap(ctx, name)
+	if err != nil {
+		t.Fatalf("swap after the restart: %v", err)
+	}
+	if st.Stats.PagesLocalOnly != st.Stats.Size/4096 {
+		t.Errorf("a resumed device reads every page from its file: %+v", st.Stats)
+	}
+	stopAndVerify(t, ctx, ac, "ws")
+	pressure(t, ctx, d, ac, name, "ws2", 96, 22)
+	stopAndVerify(t, ctx, ac, "ws2")
+	if _, err := ac.VerifyChecksum(ctx, "ws"); err != nil {
+		t.Errorf("first region: %v", err)
+	}
+}

@@ -264,7 +264,7 @@ func (d *Driver) AttachDisk(ctx context.Context, name string, disk xen.Disk) err
 // keeps the device, and this returns an error wrapping xen.ErrState.
 func (d *Driver) DetachDisk(ctx context.Context, name, target string) error {
 	if !targetRE.MatchString(target) {
-		return fmt.Errorf("detach disk from %q: %w: target %q: use vda, vdb, ...", name, xen.ErrInvalidSpec, target)
+		return fmt.Errorf("detach disk from %q: %w: target %q: use a virtio name such as vdb", name, xen.ErrInvalidSpec, target)
 	}
 	return d.withDomain(ctx, "detach disk "+target+" from", name, func(_ *golibvirt.Connect, dom *golibvirt.Domain) error {
 		x, err := dom.GetXMLDesc(0)
