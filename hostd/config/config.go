@@ -103,7 +103,8 @@ type Swap struct {
 	// SampleInterval is how often each device's paging rate is sampled
 	// for the overload policy.
 	SampleInterval Duration `toml:"sample_interval"`
-	// RateThreshold (operations/s) above which an interval is overloaded.
+	// RateThreshold (paging operations, 4 KiB pages read or written, per
+	// second) above which an interval is overloaded.
 	RateThreshold float64 `toml:"rate_threshold"`
 	// InitialThreshold is the migration threshold before a VM has a
 	// history of transient overloads.

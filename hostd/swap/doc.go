@@ -12,8 +12,8 @@
 // and i440fx's ACPI PCI hotplug works with libvirt 9 + QEMU 7.2 and the
 // Debian cloud kernel (HOTPLUG_PCI_ACPI=y).
 //
-// Every SampleInterval a sampler feeds the device's operations to the VM's
-// overload.Policy and publishes its events (overload_started,
+// Every SampleInterval a sampler feeds the device's paging operations (4
+// KiB pages read or written) to the VM's overload.Policy and publishes its events (overload_started,
 // overload_transient_ended, overload_sustained, overload_sustained_ended)
 // on the event stream.
 //

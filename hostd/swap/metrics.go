@@ -15,7 +15,7 @@ func NewCollector(m *Manager) *Collector {
 		m:          m,
 		pages:      prometheus.NewDesc("hostd_swap_pages", "Pages of a VM's swap device by where they are (remote: in a repository and on local disk).", []string{"vm", "where"}, nil),
 		ops:        prometheus.NewDesc("hostd_swap_operations_total", "Swap device operations by kind.", []string{"vm", "op"}, nil),
-		rate:       prometheus.NewDesc("hostd_swap_operations_per_second", "Reads and writes per second over the last sampling interval.", []string{"vm"}, nil),
+		rate:       prometheus.NewDesc("hostd_swap_paging_rate", "Pages read and written per second over the last sampling interval (the overload policy's rate).", []string{"vm"}, nil),
 		overloaded: prometheus.NewDesc("hostd_swap_overloaded", "1 while the VM's overload policy sees an overload.", []string{"vm"}, nil),
 		linkUp:     prometheus.NewDesc("hostd_swap_repo_connected", "1 if the device is connected to the repository.", []string{"vm", "repo"}, nil),
 	}

@@ -77,7 +77,8 @@ type OverloadStatus struct {
 	ThresholdS float64 `json:"threshold_s"`
 	// Transients counts the transient overloads it learned from.
 	Transients int `json:"transients"`
-	// Rate is the last interval's operations/s.
+	// Rate is the last interval's paging operations (4 KiB pages read or
+	// written) per second.
 	Rate float64 `json:"rate"`
 	// Last is the last event, if any.
 	Last *overload.Event `json:"last_event,omitempty"`

@@ -106,7 +106,7 @@ func (a *cli) swap(ctx context.Context, cmd string, args []string) error {
 		rows = append(rows, []string{s.VM, fmt.Sprintf("%d MiB", s.SizeMiB), fmt.Sprint(s.Stats.PagesRemote), fmt.Sprint(s.Stats.PagesLocalOnly),
 			fmt.Sprintf("%.0f", s.Overload.Rate), over, fmt.Sprintf("%.0fs", s.Overload.ThresholdS), strings.Join(links, " ")})
 	}
-	return a.table([]string{"VM", "SIZE", "REMOTE", "LOCAL-ONLY", "OPS/S", "OVERLOADED", "THRESHOLD", "REPOS"}, rows)
+	return a.table([]string{"VM", "SIZE", "REMOTE", "LOCAL-ONLY", "PAGES/S", "OVERLOADED", "THRESHOLD", "REPOS"}, rows)
 }
 
 func mib(b int64) string { return fmt.Sprintf("%d MiB", b>>20) }
