@@ -332,8 +332,18 @@ func TestSwapSurvivesHostdRestart(t *testing.T) {
 	if st.Stats.PagesLocalOnly != st.Stats.Size/4096 {
 		t.Errorf("a resumed device reads every page from its file: %+v", st.Stats)
 	}
-	if _, err := ac.SwapOn(ctx, swap.SerialNumber); err != nil {
-		t.Fatalf("swapon after the restart: %v", err)
+	// Without the reconnect delay QEMU notices the lost server at the
+	// next request, which fails while it reconnects (seen: mkswap's
+	// first write); the requests after it reach the new hostd.
+	for i := 0; ; i++ {
+		if _, err = ac.SwapOn(ctx, swap.SerialNumber); err == nil {
+			break
+		}
+		t.Logf("swapon after the restart, attempt %d: %v", i+1, err)
+		if i == 4 {
+			t.Fatalf("swapon after the restart: %v", err)
+		}
+		time.Sleep(time.Second)
 	}
 	pressure(t, ctx, d, ac, name, "ws2", 96, 22)
 	stopAndVerify(t, ctx, ac, "ws2")
