@@ -295,12 +295,10 @@ func TestSwapBadInputs(t *testing.T) {
 
 func vmRequest(name string, mib uint64) vm.Request { return vm.Request{Name: name, MemoryMiB: mib} }
 
-// hostd restarts under a VM with a swap device: the new hostd serves the
-// device again (QEMU reconnects to its socket) and the guest swaps on it
-// as before. The guest turns its swap off across the restart: with
-// libvirt 9.0 the disk's NBD reconnect delay is not applied, so requests
-// in flight while no hostd serves the socket fail in the guest (see
-// hostd/swap's doc).
+// hostd restarts under a VM whose guest turned its swap off (what a disk
+// plugged without the NBD reconnect delay needs, see hostd/swap's doc): the
+// new hostd serves the device again (QEMU reconnects to its socket), the
+// guest formats and swaps on it again, and its pages are intact.
 func TestSwapSurvivesHostdRestart(t *testing.T) {
 	d, rh := swapHost(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
@@ -332,9 +330,9 @@ func TestSwapSurvivesHostdRestart(t *testing.T) {
 	if st.Stats.PagesLocalOnly != st.Stats.Size/4096 {
 		t.Errorf("a resumed device reads every page from its file: %+v", st.Stats)
 	}
-	// Without the reconnect delay QEMU notices the lost server at the
-	// next request, which fails while it reconnects (seen: mkswap's
-	// first write); the requests after it reach the new hostd.
+	// Without the reconnect delay (a disk plugged through libvirt 9.0)
+	// QEMU notices the lost server at the next request, which fails while
+	// it reconnects (seen: mkswap's first write); later ones succeed.
 	for i := 0; ; i++ {
 		if _, err = ac.SwapOn(ctx, swap.SerialNumber); err == nil {
 			break
@@ -350,4 +348,25 @@ func TestSwapSurvivesHostdRestart(t *testing.T) {
 	if _, err := ac.VerifyChecksum(ctx, "ws"); err != nil {
 		t.Errorf("first region: %v", err)
 	}
+}
+
+// hostd restarts while the guest swaps through its device: QEMU holds the
+// disk's requests for the NBD reconnect delay (the device is plugged with
+// blockdev-add, which takes it), the new hostd serves the device again
+// from its local file, and every page comes back intact.
+func TestSwapThroughHostdRestart(t *testing.T) {
+	d, rh := swapHost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	name := prefix + "swapthru"
+	ac := swappingVM(t, ctx, d, rh, name)
+	st, err := d.Client.Swap(ctx, name)
+	if err != nil || st.Plugged != "monitor" {
+		t.Fatalf("plugged %q (%v), want monitor: only blockdev-add carries the reconnect delay", st.Plugged, err)
+	}
+	pressure(t, ctx, d, ac, name, "ws", 160, 31)
+	d.Restart() // the workload goes on paging meanwhile
+	pressure(t, ctx, d, ac, name, "ws2", 64, 32)
+	stopAndVerify(t, ctx, ac, "ws")
+	stopAndVerify(t, ctx, ac, "ws2")
 }

@@ -29,8 +29,8 @@ import (
 // for it (agent swapon {"serial": "hostd-swap"}).
 const SerialNumber = "hostd-swap"
 
-// Target is the libvirt target name of the swap disk; VMs' own disks are
-// named from vda up.
+// Target is the libvirt target name of the swap disk when it is plugged
+// through the hypervisor; VMs' own disks are named from vda up.
 const Target = "vdz"
 
 // Errors the API maps to status codes.
@@ -53,13 +53,16 @@ type Request struct {
 // Record is what the store keeps per device, so a restarted hostd can
 // serve it again.
 type Record struct {
-	VM      string    `json:"vm"`
-	SizeMiB int64     `json:"size_mib"`
-	Repos   []string  `json:"repos"`
-	Path    string    `json:"path"`   // local write-through file
-	Socket  string    `json:"socket"` // NBD unix socket QEMU connects to
-	Target  string    `json:"target"`
-	Serial  string    `json:"serial"`
+	VM      string   `json:"vm"`
+	SizeMiB int64    `json:"size_mib"`
+	Repos   []string `json:"repos"`
+	Path    string   `json:"path"`   // local write-through file
+	Socket  string   `json:"socket"` // NBD unix socket QEMU connects to
+	Serial  string   `json:"serial"`
+	// Plugged says how the disk was hot-plugged: "monitor" (QEMU's
+	// blockdev-add and device_add, with the NBD reconnect delay) or
+	// "hypervisor" (xen.Hypervisor.AttachDisk, target vdz).
+	Plugged string    `json:"plugged"`
 	Created time.Time `json:"created"`
 }
 
@@ -199,7 +202,7 @@ func (m *Manager) Put(ctx context.Context, name string, req Request) (Status, er
 		VM: name, SizeMiB: req.SizeMiB, Repos: slices.Clone(req.Repos),
 		Path:   filepath.Join(m.cfg.VMDir(name), "swap.img"),
 		Socket: filepath.Join(m.cfg.RunDir, "swap", name+".sock"),
-		Target: Target, Serial: SerialNumber, Created: time.Now().UTC(),
+		Serial: SerialNumber, Created: time.Now().UTC(),
 	}
 	if len(rec.Socket) > 107 {
 		return Status{}, fmt.Errorf("%s: %w: socket path %s is longer than 107 bytes (shorten run_dir or the VM name)", op, ErrInvalid, rec.Socket)
@@ -211,14 +214,17 @@ func (m *Manager) Put(ctx context.Context, name string, req Request) (Status, er
 	if err != nil {
 		return Status{}, fmt.Errorf("%s: %w", op, err)
 	}
-	disk := xen.Disk{NBDSocket: rec.Socket, Target: rec.Target, Serial: rec.Serial,
-		NBDReconnectDelay: uint(m.cfg.Swap.ReconnectDelay.Seconds())}
-	if err := m.hv.AttachDisk(ctx, name, disk); err != nil {
+	how, err := m.plug(ctx, rec)
+	if err != nil {
 		m.close(d, true)
 		return Status{}, fmt.Errorf("%s: plug the disk: %w", op, err)
 	}
+	rec.Plugged = how
+	d.rec.Plugged = how
 	if err := store.Put(m.st, store.BucketSwap, name, rec); err != nil {
-		m.detach(name)
+		if uerr := m.detach(rec); uerr != nil {
+			m.log.Warn("unplug after a failed store", "vm", name, "err", uerr)
+		}
 		m.close(d, true)
 		return Status{}, fmt.Errorf("%s: %w", op, err)
 	}
@@ -310,10 +316,10 @@ func (m *Manager) close(d *device, remove bool) {
 	}
 }
 
-func (m *Manager) detach(name string) error {
+func (m *Manager) detach(rec Record) error {
 	ctx, cancel := context.WithTimeout(m.ctx, 30*time.Second)
 	defer cancel()
-	return m.hv.DetachDisk(ctx, name, Target)
+	return m.unplug(ctx, rec)
 }
 
 // Delete unplugs the VM's swap disk and removes the device. The guest
@@ -325,7 +331,7 @@ func (m *Manager) Delete(ctx context.Context, name string) error {
 	if !ok {
 		return fmt.Errorf("delete swap of VM %q: %w", name, ErrNoSwap)
 	}
-	if err := m.detach(name); err != nil && !errors.Is(err, xen.ErrNotFound) {
+	if err := m.detach(d.rec); err != nil && !errors.Is(err, xen.ErrNotFound) {
 		return fmt.Errorf("delete swap of VM %q: unplug the disk: %w (swapoff in the guest, then retry)", name, err)
 	}
 	m.remove(name, d, "deleted")
