@@ -118,7 +118,7 @@ func BenchmarkOverloadWorkload(b *testing.B) {
 		b.Fatal(err)
 	}
 	started := await(b, evs, name, overload.Started, 3*time.Minute)
-	b.Logf("overload started: %.0f ops/s", started.Rate)
+	b.Logf("overload started: %.0f pages/s", started.Rate)
 	overloaded, err := rate(ctx, ac, "w")
 	if err != nil {
 		b.Fatal(err)
@@ -127,7 +127,7 @@ func BenchmarkOverloadWorkload(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Logf("overloaded (balloon %d MiB): %.0f pages/s; device %.0f ops/s, %d pages remote, %d local only, read p-sum %.3fs/%d",
+	b.Logf("overloaded (balloon %d MiB): %.0f pages/s; device %.0f requests/s, %d pages remote, %d local only, read p-sum %.3fs/%d",
 		balloonMiB, overloaded, st.Stats.OpsPerSec, st.Stats.PagesRemote, st.Stats.PagesLocalOnly, st.Stats.ReadLatency.Sum, st.Stats.ReadLatency.Count)
 
 	if _, err := c.SetMemory(ctx, name, vmMiB); err != nil {
