@@ -61,10 +61,12 @@ bench-restore: provision guest
 	mkdir -p $(BUILD)
 	$(BENCH) -bench Restore ./checkpoint/bench/ ./hostd/bench/restore/ 2>&1 | tee $(BUILD)/bench-restore.log | grep '^bench:'
 
-# Cooperative swap: NBD device over page repositories vs a local swap file.
+# Cooperative swap: NBD device over page repositories vs a local swap file
+# (library), then a real guest paging to its device through hostd under a
+# balloon (overload_workload_ratio).
 bench-swap: provision guest
 	mkdir -p $(BUILD)
-	$(BENCH) ./dataplane/swapdev/ 2>&1 | tee $(BUILD)/bench-swap.log | grep '^bench:'
+	$(BENCH) ./dataplane/swapdev/ ./hostd/bench/swap/ 2>&1 | tee $(BUILD)/bench-swap.log | grep '^bench:'
 
 # A test CA with a backup-server and a host certificate (mutual TLS between
 # hosts and the backup role) in build/pki.

@@ -63,6 +63,14 @@ type Hypervisor interface {
 	Stats(ctx context.Context, name string) (DomainStats, error)
 	// SetMemory sets the balloon target of a running domain.
 	SetMemory(ctx context.Context, name string, mib uint64) error
+	// AttachDisk hot-plugs a disk into a running domain (not into its
+	// persistent definition: the caller owns the disk's lifetime and
+	// attaches it again after a restart). Target must be set.
+	AttachDisk(ctx context.Context, name string, disk Disk) error
+	// DetachDisk unplugs the disk with that target from a running domain.
+	// The guest is asked to release it; libvirt returns once QEMU has
+	// removed it or its wait ends (then an error wrapping ErrState).
+	DetachDisk(ctx context.Context, name, target string) error
 
 	// Events delivers lifecycle events until ctx ends; the channel is closed
 	// then. Events may be dropped if the receiver falls behind: consumers
@@ -159,6 +167,13 @@ type Disk struct {
 	// NBD, if set, attaches an NBD export on this unix socket instead of Path.
 	NBDSocket string `json:"nbd_socket,omitempty"`
 	NBDExport string `json:"nbd_export,omitempty"`
+	// NBDReconnectDelay (seconds, NBD only) makes QEMU reconnect to a
+	// server that went away (a restarted hostd serving the export) instead
+	// of failing the disk; requests wait up to that long.
+	NBDReconnectDelay uint `json:"nbd_reconnect_delay,omitempty"`
+	// Serial is what the guest sees as the disk's serial number
+	// (/sys/block/vdX/serial): how it finds a hot-plugged disk.
+	Serial string `json:"serial,omitempty"`
 }
 
 // NIC is a virtio network interface on a host tap device. A tap that exists

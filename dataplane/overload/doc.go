@@ -22,7 +22,8 @@
 // Wiring (hostd): one Policy per VM with a swap device; every 10 s
 //
 //	st := dev.Stats()
-//	events := pol.Observe(overload.Sample{At: now, Interval: now.Sub(last), Ops: st.ReadOps + st.WriteOps - lastOps})
+//	pages := (st.ReadBytes + st.WriteBytes) / swapdev.PageSize // paging operations
+//	events := pol.Observe(overload.Sample{At: now, Interval: now.Sub(last), Ops: pages - lastPages})
 //
 // and publish each Event on the event stream (Kind is the event type);
 // after a migration of the VM, pol.Reset().

@@ -32,7 +32,7 @@
 //	ln, _ := net.Listen("unix", vmDir+"/swap.sock")
 //	go srv.Serve(ctx, ln)          // QEMU: <disk type='network'> ... protocol='nbd' unix socket
 //	dev.Stats()                    // GET .../swap: pages remote/local, ops/s, latency histograms, repo health
-//	// every 10 s: overload.Policy.Observe(Sample{Ops: delta of ReadOps+WriteOps})
+//	// every 10 s: overload.Policy.Observe(Sample{Ops: delta of pages read and written})
 //	// teardown: cancel Serve, dev.Close(), remove the file
 //
 // A hostd restart under a running VM: QEMU reconnects if its nbd blockdev

@@ -9,6 +9,7 @@ import (
 	"hostd/hostd/connector"
 	"hostd/hostd/jobs"
 	"hostd/hostd/protect"
+	"hostd/hostd/swap"
 	"hostd/hostd/vm"
 	"hostd/xen"
 )
@@ -27,6 +28,16 @@ func status(err error) (int, string) {
 		errors.Is(err, dataplane.ErrInvalid), errors.Is(err, dataplane.ErrNotLocal),
 		errors.Is(err, dataplane.ErrDeviceInUse), errors.Is(err, dataplane.ErrUnknownDevice):
 		return http.StatusBadRequest, "invalid_request"
+	case errors.Is(err, swap.ErrInvalid):
+		return http.StatusBadRequest, "invalid_request"
+	case errors.Is(err, swap.ErrExists):
+		return http.StatusConflict, "exists"
+	case errors.Is(err, swap.ErrNoSwap):
+		return http.StatusNotFound, "no_swap"
+	case errors.Is(err, swap.ErrState):
+		return http.StatusConflict, "invalid_state"
+	case errors.Is(err, swap.ErrNotConfigured):
+		return http.StatusNotImplemented, "not_configured"
 	case errors.Is(err, protect.ErrNotServed), errors.Is(err, protect.ErrBadState):
 		return http.StatusBadRequest, "invalid_request"
 	case errors.Is(err, protect.ErrNotProtected):

@@ -19,10 +19,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"hostd/dataplane/repo"
 	"hostd/hostd/connector"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/protect"
+	"hostd/hostd/swap"
 	"hostd/hostd/vm"
 	"hostd/xen"
 )
@@ -39,9 +41,22 @@ type HostInfo struct {
 	Roles     []string       `json:"roles"`
 	Dataplane *DataplaneInfo `json:"dataplane,omitempty"`
 	Backup    *BackupInfo    `json:"backup,omitempty"`
+	Repo      *repo.Status   `json:"repo,omitempty"`
 	// WarmSlots are the configured warm slots for restores and how many
 	// of each are ready.
 	WarmSlots []protect.SlotStatus `json:"warm_slots,omitempty"`
+}
+
+// RepoInfo is the repo role, when this hostd plays it.
+type RepoInfo struct {
+	Listen string
+	Server *repo.Server
+}
+
+// RepoStatus is the body of GET /v1/repo.
+type RepoStatus struct {
+	Listen string `json:"listen"`
+	repo.Status
 }
 
 // BackupInfo describes the backup role, when this hostd plays it.
@@ -67,6 +82,8 @@ type Deps struct {
 	Protection *protect.Manager // nil: no memory plane (501)
 	Dataplane  *DataplaneInfo   // nil: no dataplane
 	Backup     *BackupInfo      // nil: not a backup
+	Repo       *RepoInfo        // nil: not a repository
+	Swap       *swap.Manager
 	Version    string
 	Roles      []string
 	// Registry receives the API's own metrics; Gatherer is served on /metrics.
@@ -122,6 +139,7 @@ func New(d Deps, group string) (*Server, error) {
 	if d.Gatherer != nil {
 		s.route("GET /metrics", promhttp.HandlerFor(d.Gatherer, promhttp.HandlerOpts{}).ServeHTTP)
 	}
+	s.route("GET /v1/repo", s.getRepo)
 	if d.VMs != nil {
 		s.hostRoutes()
 	}
@@ -156,6 +174,11 @@ func (s *Server) hostRoutes() {
 	s.route("POST /v1/vms/{name}/evacuate", s.evacuateVM)
 	s.route("POST /v1/vms/{name}/epoch", s.epochVM)
 	s.route("POST /v1/host/evacuate", s.evacuateHost)
+	s.route("PUT /v1/vms/{name}/memory", s.putMemory)
+	s.route("GET /v1/swap", s.listSwap)
+	s.route("PUT /v1/vms/{name}/swap", s.putSwap)
+	s.route("GET /v1/vms/{name}/swap", s.getSwap)
+	s.route("DELETE /v1/vms/{name}/swap", s.deleteSwap)
 	// No 405 fallback here: it would clash with GET /v1/vms/{name} (other
 	// methods on this path reach the VM routes and get their answers).
 	s.routeOnly("POST /v1/vms/restore", s.restoreVM)
@@ -272,6 +295,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 func (s *Server) getHost(w http.ResponseWriter, r *http.Request) {
 	info := HostInfo{Version: s.d.Version, Roles: s.d.Roles, Dataplane: s.d.Dataplane, Backup: s.d.Backup}
+	if s.d.Repo != nil {
+		st := s.d.Repo.Server.Status()
+		info.Repo = &st
+	}
 	if s.d.Hypervisor != nil {
 		h, err := s.d.Hypervisor.Host(r.Context())
 		if err != nil {

@@ -35,6 +35,8 @@ type Config struct {
 	Checkpoint Checkpoint `toml:"checkpoint"`
 	Backup     Backup     `toml:"backup"`
 	Restore    Restore    `toml:"restore"`
+	Repo       Repo       `toml:"repo"`
+	Swap       Swap       `toml:"swap"`
 	Notice     Notice     `toml:"notice"`
 	Log        Log        `toml:"log"`
 }
@@ -106,6 +108,49 @@ type Backup struct {
 	Listen string `toml:"listen"` // host:port
 	Dir    string `toml:"dir"`    // the store; default <state_dir>/backup
 	TLS    TLS    `toml:"tls"`
+}
+
+// Repo configures the repo role: memory lent to other hosts' cooperative
+// swap devices over mutual TLS.
+type Repo struct {
+	Listen string `toml:"listen"` // host:port
+	// CapacityMiB is the memory lent, allocated (and locked) at start.
+	CapacityMiB int64 `toml:"capacity_mib"`
+	// DefaultQuotaMiB bounds each client host (certificate common name)
+	// not named in Quotas; 0: the whole capacity.
+	DefaultQuotaMiB int64 `toml:"default_quota_mib"`
+	// QuotasMiB per client host, by certificate common name.
+	QuotasMiB map[string]int64 `toml:"quotas_mib"`
+	// Lock pins the lent memory (mlock) so it is never swapped out; where
+	// RLIMIT_MEMLOCK forbids it the repository warns and serves unlocked.
+	Lock bool `toml:"lock"`
+	// OrphanTimeout is how long a disconnected client's pages are kept
+	// for it to come back.
+	OrphanTimeout Duration `toml:"orphan_timeout"`
+	TLS           TLS      `toml:"tls"`
+}
+
+// Swap configures the host side of cooperative swap: the identity towards
+// repositories and the overload policy.
+type Swap struct {
+	// TLS is this host's client identity towards repositories (its
+	// certificate's common name is its quota key there). All three files,
+	// or none (then only swap devices without repositories work).
+	TLS TLS `toml:"tls"`
+	// SampleInterval is how often each device's paging rate is sampled
+	// for the overload policy.
+	SampleInterval Duration `toml:"sample_interval"`
+	// RateThreshold (paging operations, 4 KiB pages read or written, per
+	// second) above which an interval is overloaded.
+	RateThreshold float64 `toml:"rate_threshold"`
+	// InitialThreshold is the migration threshold before a VM has a
+	// history of transient overloads.
+	InitialThreshold Duration `toml:"initial_threshold"`
+	// ReconnectDelay is how long QEMU keeps a swap disk's requests
+	// waiting for hostd's NBD server to come back (a hostd restart).
+	ReconnectDelay Duration `toml:"reconnect_delay"`
+	// MaxSizeMiB bounds one device (its local file is that large).
+	MaxSizeMiB int64 `toml:"max_size_mib"`
 }
 
 // Notice configures the cloud termination-notice watchers; each is off by
@@ -214,7 +259,13 @@ func Default() Config {
 			CommitInterval: Duration{2 * time.Second},
 		},
 		Backup:  Backup{Listen: "0.0.0.0:7443"},
+		Repo:    Repo{Listen: "0.0.0.0:7011", CapacityMiB: 1024, QuotasMiB: map[string]int64{}, Lock: true, OrphanTimeout: Duration{2 * time.Minute}},
 		Restore: Restore{WarmSlots: []WarmSlot{}},
+		Swap: Swap{
+			SampleInterval: Duration{10 * time.Second}, RateThreshold: 200,
+			InitialThreshold: Duration{120 * time.Second}, ReconnectDelay: Duration{30 * time.Second},
+			MaxSizeMiB: 64 << 10,
+		},
 		Notice: Notice{
 			EC2:   Watcher{BaseURL: "http://169.254.169.254"},
 			GCE:   Watcher{BaseURL: "http://169.254.169.254"},
@@ -294,6 +345,14 @@ func (c Config) Validate() error {
 			return err
 		}
 	}
+	if c.HasRole(RoleRepo) {
+		if err := c.Repo.validate(); err != nil {
+			return err
+		}
+	}
+	if err := c.Swap.validate(); err != nil {
+		return err
+	}
 	for name, w := range map[string]Watcher{"ec2": c.Notice.EC2, "gce": c.Notice.GCE, "azure": c.Notice.Azure} {
 		if w.Enabled && !strings.HasPrefix(w.BaseURL, "http://") && !strings.HasPrefix(w.BaseURL, "https://") {
 			return fmt.Errorf("notice.%s.base_url: %q is not an http(s) URL", name, w.BaseURL)
@@ -356,6 +415,46 @@ func (b Backup) validate() error {
 		return fmt.Errorf("backup.dir: %q must be an absolute path", b.Dir)
 	}
 	return b.TLS.validate("backup.tls", true)
+}
+
+func (r Repo) validate() error {
+	if _, _, err := net.SplitHostPort(r.Listen); err != nil {
+		return fmt.Errorf("repo.listen: %q is not host:port: %w", r.Listen, err)
+	}
+	if r.CapacityMiB < 1 || r.CapacityMiB > 1<<30 {
+		return fmt.Errorf("repo.capacity_mib: %d must be at least 1", r.CapacityMiB)
+	}
+	if r.DefaultQuotaMiB < 0 {
+		return errors.New("repo.default_quota_mib: must not be negative")
+	}
+	for name, q := range r.QuotasMiB {
+		if q < 0 {
+			return fmt.Errorf("repo.quotas_mib.%s: must not be negative", name)
+		}
+	}
+	if r.OrphanTimeout.Duration < time.Second {
+		return errors.New("repo.orphan_timeout: must be at least 1s")
+	}
+	return r.TLS.validate("repo.tls", true)
+}
+
+func (s Swap) validate() error {
+	if s.SampleInterval.Duration < 100*time.Millisecond {
+		return errors.New("swap.sample_interval: must be at least 100ms")
+	}
+	if s.RateThreshold <= 0 {
+		return errors.New("swap.rate_threshold: must be positive")
+	}
+	if s.InitialThreshold.Duration < s.SampleInterval.Duration {
+		return errors.New("swap.initial_threshold: must be at least one sample_interval")
+	}
+	if s.ReconnectDelay.Duration < 0 || s.ReconnectDelay.Duration > time.Hour {
+		return errors.New("swap.reconnect_delay: must be 0s..1h")
+	}
+	if s.MaxSizeMiB < 1 {
+		return errors.New("swap.max_size_mib: must be at least 1")
+	}
+	return s.TLS.validate("swap.tls", false)
 }
 
 // validate checks that the files are all named or (unless required) none.

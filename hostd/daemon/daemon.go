@@ -20,6 +20,7 @@ import (
 	"hostd/hostd/jobs"
 	"hostd/hostd/protect"
 	"hostd/hostd/store"
+	"hostd/hostd/swap"
 	"hostd/hostd/vm"
 	"hostd/xen"
 )
@@ -69,6 +70,15 @@ func Run(ctx context.Context, o Options) error {
 		}
 		defer stop()
 		deps.Backup = &api.BackupInfo{Listen: addr, Dir: cfg.BackupDir()}
+	}
+
+	if cfg.HasRole(config.RoleRepo) {
+		srv, addr, stop, err := startRepo(bg, cfg, log)
+		if err != nil {
+			return fmt.Errorf("run hostd: %w", err)
+		}
+		defer stop()
+		deps.Repo = &api.RepoInfo{Listen: addr, Server: srv}
 	}
 
 	var host *hostRole
@@ -131,6 +141,7 @@ type hostRole struct {
 	hv    xen.Hypervisor
 	vms   *vm.Manager
 	prot  *protect.Manager
+	swap  *swap.Manager
 	dp    dataplane.Dataplane
 	loops sync.WaitGroup
 }
@@ -169,15 +180,19 @@ func startHost(ctx, bg context.Context, o Options, st *store.Store, ev *events.B
 	if err := conns.Restore(ctx); err != nil {
 		log.Error("some connectors could not be restored; GET /v1/connectors lists what the store holds", "err", err)
 	}
-	deps.VMs, deps.Hypervisor, deps.Connectors, deps.Protection = h.vms, hv, conns, h.prot
+	h.swap = swap.NewManager(bg, cfg, hv, h.vms, st, ev, log)
+	reg.MustRegister(swap.NewCollector(h.swap))
+	deps.VMs, deps.Hypervisor, deps.Connectors, deps.Protection, deps.Swap = h.vms, hv, conns, h.prot, h.swap
 	return h, nil
 }
 
-// run starts the host role's background loops: reconciliation, protection
-// (re-attached to the memory servers that outlived the last hostd),
-// bandwidth shares and termination-notice watchers.
+// run starts the host role's background loops: reconciliation, warm
+// slots, swap devices (served again for VMs that outlived the last hostd)
+// and their overload sampler, protection (re-attached to the memory
+// servers that outlived the last hostd), bandwidth shares and
+// termination-notice watchers.
 func (h *hostRole) run(bg context.Context) {
-	h.loops.Add(4)
+	h.loops.Add(5)
 	go func() {
 		defer h.loops.Done()
 		h.vms.Run(bg, h.cfg.Hypervisor.ReconcileInterval.Duration)
@@ -185,6 +200,13 @@ func (h *hostRole) run(bg context.Context) {
 	go func() {
 		defer h.loops.Done()
 		h.prot.StartSlots(bg)
+	}()
+	// Swap devices of VMs that still run are served again before their
+	// QEMU's reconnect delay runs out.
+	h.swap.Resume(bg)
+	go func() {
+		defer h.loops.Done()
+		h.swap.Watch(bg)
 	}()
 	h.prot.Resume(bg)
 	go func() {
@@ -199,6 +221,7 @@ func (h *hostRole) run(bg context.Context) {
 
 func (h *hostRole) wait() {
 	h.loops.Wait()
+	h.swap.Close()
 	h.vms.Wait()
 	h.prot.Wait()
 	// Warm slots hold no guest: unlike VMs they end with hostd.

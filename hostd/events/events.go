@@ -12,7 +12,11 @@ type Event struct {
 	Time time.Time `json:"time"`
 	// Type is dotted: vm.created, vm.started, vm.ready, vm.stopped,
 	// vm.deleted, vm.adopted, vm.vanished, job.started, job.progress,
-	// job.finished, hypervisor.down, hypervisor.up, events.dropped.
+	// job.finished, hypervisor.down, hypervisor.up, vm.memory,
+	// swap.created, swap.deleted, events.dropped; the overload policy's
+	// events keep the names Overdriver gives them (overload_started,
+	// overload_transient_ended, overload_sustained,
+	// overload_sustained_ended; see dataplane/overload).
 	Type string `json:"type"`
 	VM   string `json:"vm,omitempty"`
 	Job  string `json:"job,omitempty"`

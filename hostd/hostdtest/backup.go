@@ -42,15 +42,33 @@ type BackupOptions struct {
 // at the end of the test.
 func StartBackup(tb testing.TB, binDir string, o BackupOptions) *BackupHost {
 	tb.Helper()
+	bh := peerHost(tb, "hdbk", "hbk", 79)
+	if o.RateMbit > 0 {
+		bh.Throttle(tb, o.RateMbit)
+	}
+	bh.PKI = peerPKI(tb, bh.BackupIP, o.Hosts)
+	bh.Addr = bh.BackupIP + ":7443"
+	bh.Daemon = Start(tb, binDir, Options{Netns: bh.Netns, Edit: func(c *config.Config) {
+		c.Roles = []string{config.RoleBackup}
+		c.Backup.Listen = bh.Addr
+		c.Backup.TLS = config.TLS{CA: filepath.Join(bh.PKI, pki.CACert), Cert: filepath.Join(bh.PKI, pki.ServerCert), Key: filepath.Join(bh.PKI, pki.ServerKey)}
+	}})
+	return bh
+}
+
+// peerHost makes a network namespace (nsPrefix + a random suffix) and a
+// veth to it from this host's namespace (devPrefix + suffix), addressed
+// out of 10.<net>.0.0/16 as a /30 chosen by the suffix so that parallel
+// test binaries do not collide. Both are removed at the end of the test.
+func peerHost(tb testing.TB, nsPrefix, devPrefix string, net int) *BackupHost {
+	tb.Helper()
 	b := make([]byte, 3)
 	_, _ = rand.Read(b)
 	sfx := hex.EncodeToString(b)
-	// A /30 out of 10.79.0.0/16 chosen by the suffix: parallel test
-	// binaries do not collide.
 	n := int(b[0])<<8 | int(b[1])
-	hostIP := fmt.Sprintf("10.79.%d.%d", (n>>6)&0xff, (n&0x3f)*4+1)
-	bkIP := fmt.Sprintf("10.79.%d.%d", (n>>6)&0xff, (n&0x3f)*4+2)
-	bh := &BackupHost{Netns: "hdbk" + sfx, HostIP: hostIP, BackupIP: bkIP, hostDev: "hbk" + sfx}
+	hostIP := fmt.Sprintf("10.%d.%d.%d", net, (n>>6)&0xff, (n&0x3f)*4+1)
+	peerIP := fmt.Sprintf("10.%d.%d.%d", net, (n>>6)&0xff, (n&0x3f)*4+2)
+	bh := &BackupHost{Netns: nsPrefix + sfx, HostIP: hostIP, BackupIP: peerIP, hostDev: devPrefix + sfx}
 	run := func(args ...string) {
 		tb.Helper()
 		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
@@ -65,13 +83,16 @@ func StartBackup(tb testing.TB, binDir string, o BackupOptions) *BackupHost {
 	run("ip", "-n", bh.Netns, "link", "set", "lo", "up")
 	run("ip", "link", "add", bh.hostDev, "type", "veth", "peer", "name", "bk0", "netns", bh.Netns)
 	run("ip", "addr", "add", hostIP+"/30", "dev", bh.hostDev)
-	run("ip", "-n", bh.Netns, "addr", "add", bkIP+"/30", "dev", "bk0")
+	run("ip", "-n", bh.Netns, "addr", "add", peerIP+"/30", "dev", "bk0")
 	run("ip", "link", "set", bh.hostDev, "up")
 	run("ip", "-n", bh.Netns, "link", "set", "bk0", "up")
-	if o.RateMbit > 0 {
-		bh.Throttle(tb, o.RateMbit)
-	}
-	hosts := o.Hosts
+	return bh
+}
+
+// peerPKI writes a test PKI whose server certificate names serverIP and
+// which has a client certificate per host (default host1).
+func peerPKI(tb testing.TB, serverIP string, hosts []string) string {
+	tb.Helper()
 	if len(hosts) == 0 {
 		hosts = []string{"host1"}
 	}
@@ -80,17 +101,10 @@ func StartBackup(tb testing.TB, binDir string, o BackupOptions) *BackupHost {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { os.RemoveAll(dir) })
-	if err := pki.Generate(dir, pki.Spec{ServerNames: []string{bkIP}, Hosts: hosts}); err != nil {
+	if err := pki.Generate(dir, pki.Spec{ServerNames: []string{serverIP}, Hosts: hosts}); err != nil {
 		tb.Fatal(err)
 	}
-	bh.PKI = dir
-	bh.Addr = bkIP + ":7443"
-	bh.Daemon = Start(tb, binDir, Options{Netns: bh.Netns, Edit: func(c *config.Config) {
-		c.Roles = []string{config.RoleBackup}
-		c.Backup.Listen = bh.Addr
-		c.Backup.TLS = config.TLS{CA: filepath.Join(dir, pki.CACert), Cert: filepath.Join(dir, pki.ServerCert), Key: filepath.Join(dir, pki.ServerKey)}
-	}})
-	return bh
+	return dir
 }
 
 // Throttle sets (or changes) the host -> backup rate limit.

@@ -20,9 +20,10 @@ const (
 	BucketJobs       = "jobs"
 	BucketConnectors = "connectors"
 	BucketProtection = "protection"
+	BucketSwap       = "swap"
 )
 
-var buckets = []string{BucketVMs, BucketJobs, BucketConnectors, BucketProtection}
+var buckets = []string{BucketVMs, BucketJobs, BucketConnectors, BucketProtection, BucketSwap}
 
 // Store is the open state file.
 type Store struct {

@@ -493,3 +493,30 @@ func fileSize(p string) int64 {
 	}
 	return st.Size()
 }
+
+// MemoryRequest is the body of PUT /v1/vms/{name}/memory.
+type MemoryRequest struct {
+	// TargetMiB is the balloon target: what the guest may keep of its
+	// memory_mib. Below what the guest uses, it pages out (to its swap, if
+	// it has one).
+	TargetMiB uint64 `json:"target_mib"`
+}
+
+// SetBalloon sets a running VM's balloon target. The guest gives memory
+// back at its own pace; Stats shows the effect.
+func (m *Manager) SetBalloon(ctx context.Context, name string, req MemoryRequest) (xen.DomainStats, error) {
+	rec, err := m.record(name)
+	if err != nil {
+		return xen.DomainStats{}, fmt.Errorf("set VM memory: %w", err)
+	}
+	if req.TargetMiB < MinMemoryMiB || req.TargetMiB > rec.Spec.MemoryMiB {
+		return xen.DomainStats{}, fmt.Errorf("set VM %q memory: %w: target_mib %d must be %d..%d (the VM's memory_mib)",
+			name, ErrInvalid, req.TargetMiB, MinMemoryMiB, rec.Spec.MemoryMiB)
+	}
+	if err := m.hv.SetMemory(ctx, rec.Domain(), req.TargetMiB); err != nil {
+		return xen.DomainStats{}, fmt.Errorf("set VM %q memory: %w", name, err)
+	}
+	m.ev.Publish(events.Event{Type: "vm.memory", VM: name, Data: map[string]uint64{"target_mib": req.TargetMiB}})
+	m.log.Info("vm balloon target set", "vm", name, "target_mib", req.TargetMiB)
+	return m.Stats(ctx, name)
+}

@@ -171,6 +171,9 @@ func diskXML(dk xen.Disk) libvirtxml.DomainDisk {
 			Name:     dk.NBDExport,
 			Hosts:    []libvirtxml.DomainDiskSourceHost{{Transport: "unix", Socket: dk.NBDSocket}},
 		}}
+		if dk.NBDReconnectDelay > 0 {
+			d.Source.Network.Reconnect = &libvirtxml.DomainDiskSourceNetworkReconnect{Delay: fmt.Sprint(dk.NBDReconnectDelay)}
+		}
 	case strings.HasPrefix(dk.Path, "/dev/"):
 		d.Source = &libvirtxml.DomainDiskSource{Block: &libvirtxml.DomainDiskSourceBlock{Dev: dk.Path}}
 	default:
@@ -179,6 +182,7 @@ func diskXML(dk xen.Disk) libvirtxml.DomainDisk {
 	if dk.ReadOnly {
 		d.ReadOnly = &libvirtxml.DomainDiskReadOnly{}
 	}
+	d.Serial = dk.Serial
 	return d
 }
 

@@ -3,6 +3,7 @@ package libvirt
 import (
 	"encoding/json"
 	"reflect"
+	"strings"
 	"testing"
 
 	"libvirt.org/go/libvirtxml"
@@ -194,4 +195,23 @@ func qemuCmdline(t *testing.T, dom *libvirtxml.Domain) []string {
 		out = append(out, a.Value)
 	}
 	return out
+}
+
+// A hot-plugged swap disk: NBD on a unix socket with QEMU's reconnect
+// delay, and the serial the guest finds it by.
+func TestDiskXMLNBDReconnectSerial(t *testing.T) {
+	d := diskXML(xen.Disk{NBDSocket: "/run/hostd/swap/web.sock", Target: "vdz", Serial: "hostd-swap", NBDReconnectDelay: 30, Format: "raw"})
+	x, err := d.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`protocol="nbd"`, `socket="/run/hostd/swap/web.sock"`, `<reconnect delay="30"></reconnect>`, `<serial>hostd-swap</serial>`, `dev="vdz"`} {
+		if !strings.Contains(x, want) {
+			t.Errorf("disk XML lacks %s:\n%s", want, x)
+		}
+	}
+	d2 := diskXML(xen.Disk{NBDSocket: "/s.sock", Target: "vdb"})
+	if x2, _ := d2.Marshal(); strings.Contains(x2, "reconnect") || strings.Contains(x2, "serial") {
+		t.Errorf("no delay and no serial asked for:\n%s", x2)
+	}
 }

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	golibvirt "libvirt.org/go/libvirt"
+	"libvirt.org/go/libvirtxml"
 
 	"hostd/xen"
 )
@@ -258,4 +260,75 @@ func domainSpec(dom *golibvirt.Domain) (*xen.DomainSpec, error) {
 		return nil, err
 	}
 	return parseSpecMetadata(elem)
+}
+
+// AttachDisk hot-plugs a disk into a running domain, live only: the
+// persistent definition (and hostd's spec metadata) stays as it was, so
+// the owner of the disk re-attaches it after a restart of the domain. On
+// the default i440fx machine the guest sees it through ACPI PCI hotplug.
+func (d *Driver) AttachDisk(ctx context.Context, name string, disk xen.Disk) error {
+	var p []string
+	checkDiskSpec(func(f string, a ...any) { p = append(p, fmt.Sprintf(f, a...)) }, "disk", disk)
+	if disk.Target == "" {
+		p = append(p, "disk: target is required to attach a disk")
+	}
+	if len(p) > 0 {
+		return fmt.Errorf("attach disk to %q: %w: %s", name, xen.ErrInvalidSpec, strings.Join(p, "; "))
+	}
+	if disk.Format == "" {
+		disk.Format = "raw"
+	}
+	dx := diskXML(disk)
+	x, err := dx.Marshal()
+	if err != nil {
+		return fmt.Errorf("attach disk to %q: %w", name, err)
+	}
+	return d.withDomain(ctx, "attach disk "+disk.Target+" to", name, func(_ *golibvirt.Connect, dom *golibvirt.Domain) error {
+		active, err := dom.IsActive()
+		if err != nil {
+			return err
+		}
+		if !active {
+			return fmt.Errorf("%w: disks are hot-plugged into a running domain only; start it first", xen.ErrState)
+		}
+		return dom.AttachDeviceFlags(x, golibvirt.DOMAIN_DEVICE_MODIFY_LIVE)
+	})
+}
+
+// DetachDisk unplugs a hot-plugged disk. libvirt waits a few seconds for
+// the guest to release it (ACPI eject); a guest that does not answer
+// keeps the device, and this returns an error wrapping xen.ErrState.
+func (d *Driver) DetachDisk(ctx context.Context, name, target string) error {
+	if !targetRE.MatchString(target) {
+		return fmt.Errorf("detach disk from %q: %w: target %q: use a virtio name such as vdb", name, xen.ErrInvalidSpec, target)
+	}
+	return d.withDomain(ctx, "detach disk "+target+" from", name, func(_ *golibvirt.Connect, dom *golibvirt.Domain) error {
+		x, err := dom.GetXMLDesc(0)
+		if err != nil {
+			return err
+		}
+		var dd libvirtxml.Domain
+		if err := dd.Unmarshal(x); err != nil {
+			return err
+		}
+		for _, dk := range dd.Devices.Disks {
+			if dk.Target == nil || dk.Target.Dev != target {
+				continue
+			}
+			dk.Address = nil // libvirt matches on target; the address may not round-trip
+			dx, err := dk.Marshal()
+			if err != nil {
+				return err
+			}
+			if err := dom.DetachDeviceFlags(dx, golibvirt.DOMAIN_DEVICE_MODIFY_LIVE); err != nil {
+				var lverr golibvirt.Error
+				if errors.As(err, &lverr) && lverr.Code == golibvirt.ERR_OPERATION_TIMEOUT {
+					return fmt.Errorf("%w: the guest did not release disk %s: %v", xen.ErrState, target, err)
+				}
+				return err
+			}
+			return nil
+		}
+		return fmt.Errorf("%w: domain has no disk %s", xen.ErrNotFound, target)
+	})
 }

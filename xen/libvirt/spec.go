@@ -31,6 +31,8 @@ var (
 	// Linux interface names: at most IFNAMSIZ-1 = 15 bytes.
 	tapRE    = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$`)
 	targetRE = regexp.MustCompile(`^vd[a-z]{1,2}$`)
+	// virtio-blk serials are at most 20 bytes.
+	serialRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,20}$`)
 	uuidRE   = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
 )
 
@@ -80,28 +82,8 @@ func validateSpec(s xen.DomainSpec, lim limits) error {
 	targets := map[string]bool{}
 	for i, dk := range s.Disks {
 		what := fmt.Sprintf("disks[%d]", i)
-		switch {
-		case dk.NBDSocket != "" && dk.Path != "":
-			bad("%s: give either path or nbd_socket, not both", what)
-		case dk.NBDSocket != "":
-			checkSocket(bad, what+".nbd_socket", dk.NBDSocket)
-		case dk.Path == "":
-			bad("%s: give a path (file or block device) or an nbd_socket", what)
-		default:
-			checkDisk(bad, what+".path", dk.Path)
-		}
-		if dk.NBDSocket == "" && dk.NBDExport != "" {
-			bad("%s: nbd_export given without nbd_socket", what)
-		}
-		switch dk.Format {
-		case "", "raw", "qcow2":
-		default:
-			bad("%s: format %q: use raw or qcow2", what, dk.Format)
-		}
+		checkDiskSpec(bad, what, dk)
 		if dk.Target != "" {
-			if !targetRE.MatchString(dk.Target) {
-				bad("%s: target %q: use vda, vdb, ... (virtio names)", what, dk.Target)
-			}
 			if targets[dk.Target] {
 				bad("%s: target %q used twice", what, dk.Target)
 			}
@@ -312,4 +294,38 @@ func hasPrefixAny(s string, prefixes ...string) bool {
 		}
 	}
 	return false
+}
+
+// checkDiskSpec checks one disk on its own (Define and AttachDisk).
+func checkDiskSpec(bad func(string, ...any), what string, dk xen.Disk) {
+	switch {
+	case dk.NBDSocket != "" && dk.Path != "":
+		bad("%s: give either path or nbd_socket, not both", what)
+	case dk.NBDSocket != "":
+		checkSocket(bad, what+".nbd_socket", dk.NBDSocket)
+	case dk.Path == "":
+		bad("%s: give a path (file or block device) or an nbd_socket", what)
+	default:
+		checkDisk(bad, what+".path", dk.Path)
+	}
+	if dk.NBDSocket == "" && dk.NBDExport != "" {
+		bad("%s: nbd_export given without nbd_socket", what)
+	}
+	if dk.NBDSocket == "" && dk.NBDReconnectDelay != 0 {
+		bad("%s: nbd_reconnect_delay given without nbd_socket", what)
+	}
+	if dk.NBDReconnectDelay > 3600 {
+		bad("%s: nbd_reconnect_delay %d: at most 3600 seconds", what, dk.NBDReconnectDelay)
+	}
+	if dk.Serial != "" && !serialRE.MatchString(dk.Serial) {
+		bad("%s: serial %q: 1 to 20 letters, digits, '.', '_' or '-'", what, dk.Serial)
+	}
+	switch dk.Format {
+	case "", "raw", "qcow2":
+	default:
+		bad("%s: format %q: use raw or qcow2", what, dk.Format)
+	}
+	if dk.Target != "" && !targetRE.MatchString(dk.Target) {
+		bad("%s: target %q: use vda, vdb, ... (virtio names)", what, dk.Target)
+	}
 }

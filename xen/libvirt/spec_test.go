@@ -81,6 +81,9 @@ func TestValidateSpecRejects(t *testing.T) {
 			s.Disks[0] = xen.Disk{NBDSocket: "/" + strings.Repeat("s", 120)}
 		}, "at most 107"},
 		{"export without socket", func(s *xen.DomainSpec, _ string) { s.Disks[0].NBDExport = "x" }, "without nbd_socket"},
+		{"reconnect without socket", func(s *xen.DomainSpec, _ string) { s.Disks[0].NBDReconnectDelay = 5 }, "nbd_reconnect_delay given without"},
+		{"bad serial", func(s *xen.DomainSpec, _ string) { s.Disks[0].Serial = "has space" }, "serial"},
+		{"serial too long", func(s *xen.DomainSpec, _ string) { s.Disks[0].Serial = strings.Repeat("s", 21) }, "1 to 20"},
 		{"tap too long", func(s *xen.DomainSpec, _ string) { s.NICs[0].Tap = "abcdefghijklmnop" }, "1 to 15"},
 		{"tap empty", func(s *xen.DomainSpec, _ string) { s.NICs[0].Tap = "" }, "1 to 15"},
 		{"tap reserved", func(s *xen.DomainSpec, _ string) { s.NICs[0].Tap = "vnet3" }, "reserved by libvirt"},

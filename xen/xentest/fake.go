@@ -189,6 +189,26 @@ func (f *Fake) SetMemory(ctx context.Context, name string, mib uint64) error {
 	return err
 }
 
+func (f *Fake) AttachDisk(ctx context.Context, name string, disk xen.Disk) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.enter("attachdisk"); err != nil {
+		return err
+	}
+	_, err := f.get("attachdisk", name)
+	return err
+}
+
+func (f *Fake) DetachDisk(ctx context.Context, name, target string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.enter("detachdisk"); err != nil {
+		return err
+	}
+	_, err := f.get("detachdisk", name)
+	return err
+}
+
 // Events returns a channel that stays open and silent until ctx ends.
 func (f *Fake) Events(ctx context.Context) (<-chan xen.LifecycleEvent, error) {
 	ch := make(chan xen.LifecycleEvent)

@@ -85,6 +85,11 @@ func usage() {
   epoch NAME                            take a crash-consistent restore point now
   restore ID -backup HOST:PORT [-name N] [-mode lazy|full] [-prefetch-rate B/s] [-slot auto|cold] [-wait]
                                         bring a VM back from a backup (job ends when fully resident)
+  swap [NAME]                           swap devices: pages remote/local, ops/s, overload, repositories
+  swap NAME -size MiB -repos H:P[,H:P]  give a running VM a cooperative swap device (guest: vm agent NAME swapon '{"serial":"hostd-swap"}')
+  swap NAME -delete                     unplug and remove it (swapoff in the guest first)
+  memory NAME TARGET_MIB                set the balloon target
+  repo                                  the page repository (repo role): capacity, use per client
   job list | job get ID | job wait ID
   events                                stream events (one JSON object per line)
   metrics                               Prometheus metrics
@@ -130,6 +135,8 @@ func (a *cli) run(ctx context.Context, args []string) error {
 		return a.connector(ctx, args[1:])
 	case "protect", "unprotect", "protection", "evacuate", "evacuate-host", "epoch", "restore":
 		return a.protection(ctx, args[0], args[1:])
+	case "swap", "memory", "repo":
+		return a.swap(ctx, args[0], args[1:])
 	case "events":
 		ch, err := a.c.Events(ctx)
 		if err != nil {

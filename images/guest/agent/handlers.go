@@ -55,6 +55,10 @@ func (a *agent) dispatch(req agentapi.Request, args any) agentapi.Response {
 		result = agentapi.MemInfoResult{KiB: kib}
 	case agentapi.CmdStats:
 		result, err = a.stats()
+	case agentapi.CmdSwapOn:
+		result, err = swapOn(args.(agentapi.SwapArgs).Serial)
+	case agentapi.CmdSwapOff:
+		result, err = swapOff(args.(agentapi.SwapArgs).Serial)
 	default:
 		// DecodeRequest accepts only known commands; reaching this is a bug
 		// in keeping the two lists in step.

@@ -24,7 +24,7 @@ const chunkPages = 16
 type workload struct {
 	args  agentapi.DirtyArgs
 	pages uint64
-	mem   []byte // mmapped, mlocked: the pattern must stay in guest RAM
+	mem   []byte // mmapped, mlocked unless Swappable: the pattern must stay in guest RAM
 
 	// mu is held by the writer while it fills a chunk and by checksum
 	// while it hashes, so a hash always matches (passesDone, pageInPass).
@@ -48,9 +48,13 @@ func (a *agent) startDirty(args agentapi.DirtyArgs) (agentapi.WorkloadStatus, er
 	// Leave headroom so the agent and kernel keep working while the
 	// region is locked.
 	const headroomKiB = 24 * 1024
-	if avail := mi["MemAvailable"]; args.SizeMiB*1024+headroomKiB > avail {
-		return agentapi.WorkloadStatus{}, fmt.Errorf("dirty %s: size_mib %d does not fit: %d KiB available, %d KiB kept free",
-			args.Region, args.SizeMiB, avail, headroomKiB)
+	avail, where := mi["MemAvailable"], "available"
+	if args.Swappable {
+		avail, where = avail+mi["SwapFree"], "available in RAM and swap"
+	}
+	if args.SizeMiB*1024+headroomKiB > avail {
+		return agentapi.WorkloadStatus{}, fmt.Errorf("dirty %s: size_mib %d does not fit: %d KiB %s, %d KiB kept free",
+			args.Region, args.SizeMiB, avail, where, headroomKiB)
 	}
 
 	a.mu.Lock()
@@ -69,7 +73,11 @@ func (a *agent) startDirty(args agentapi.DirtyArgs) (agentapi.WorkloadStatus, er
 	if err != nil {
 		return agentapi.WorkloadStatus{}, fmt.Errorf("dirty %s: mmap %d MiB: %w", args.Region, args.SizeMiB, err)
 	}
-	if err := unix.Mlock(mem); err != nil {
+	if args.Swappable {
+		// Swap one page at a time, as a guest under memory pressure does
+		// (huge pages would be split anyway).
+		_ = unix.Madvise(mem, unix.MADV_NOHUGEPAGE)
+	} else if err := unix.Mlock(mem); err != nil {
 		_ = unix.Munmap(mem)
 		return agentapi.WorkloadStatus{}, fmt.Errorf("dirty %s: mlock %d MiB: %w", args.Region, args.SizeMiB, err)
 	}

@@ -44,6 +44,8 @@ const (
 	CmdStats    = "stats"
 	CmdExpected = "expected"
 	CmdProbe    = "probe"
+	CmdSwapOn   = "swapon"
+	CmdSwapOff  = "swapoff"
 )
 
 // Request is one line from the host.
@@ -68,6 +70,25 @@ type DirtyArgs struct {
 	RateMiBs uint64 `json:"rate_mib_s"` // 0: as fast as it can
 	Seed     uint64 `json:"seed"`
 	Passes   uint64 `json:"passes"` // 0: until stopped
+	// Swappable leaves the region unlocked, so the kernel may page it out
+	// to swap: a working set larger than the (ballooned) RAM. The size is
+	// then checked against MemAvailable plus SwapFree.
+	Swappable bool `json:"swappable,omitempty"`
+}
+
+// SwapArgs names a swap disk by its serial number (what the host set,
+// seen in /sys/block/vdX/serial): swapon runs mkswap on it and turns it
+// on; swapoff turns it off.
+type SwapArgs struct {
+	Serial string `json:"serial"`
+}
+
+// SwapResult answers swapon and swapoff.
+type SwapResult struct {
+	Device  string `json:"device"` // e.g. /dev/vdb
+	SizeKiB uint64 `json:"size_kib"`
+	// SwapTotalKiB is the guest's total swap afterwards (/proc/meminfo).
+	SwapTotalKiB uint64 `json:"swap_total_kib"`
 }
 
 // RegionArgs names a region (stop, checksum, ops).
@@ -281,6 +302,12 @@ func decodeArgs(cmd string, raw json.RawMessage) (any, error) {
 			return nil, err
 		}
 		return a, a.Validate()
+	case CmdSwapOn, CmdSwapOff:
+		var a SwapArgs
+		if err := decodeInto(cmd, raw, empty, &a); err != nil {
+			return nil, err
+		}
+		return a, a.Validate(cmd)
 	case CmdProbe:
 		var a ProbeArgs
 		if err := decodeInto(cmd, raw, empty, &a); err != nil {
@@ -328,6 +355,16 @@ func (a DirtyArgs) Validate() error {
 	}
 	if a.RateMiBs > MaxRateMiBs {
 		return fmt.Errorf("dirty: rate_mib_s %d above %d: %w", a.RateMiBs, MaxRateMiBs, ErrBadRequest)
+	}
+	return nil
+}
+
+var serialRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,20}$`)
+
+// Validate checks a swapon or swapoff request.
+func (a SwapArgs) Validate(cmd string) error {
+	if !serialRE.MatchString(a.Serial) {
+		return fmt.Errorf("%s: serial %q: 1 to 20 letters, digits, '.', '_' or '-': %w", cmd, a.Serial, ErrBadRequest)
 	}
 	return nil
 }

@@ -233,6 +233,20 @@ func (c *Client) MemInfo(ctx context.Context) (agentapi.MemInfoResult, error) {
 	return r, c.Call(ctx, agentapi.CmdMemInfo, nil, &r)
 }
 
+// SwapOn formats the disk with that serial as swap and turns it on.
+func (c *Client) SwapOn(ctx context.Context, serial string) (agentapi.SwapResult, error) {
+	var r agentapi.SwapResult
+	err := c.Call(ctx, agentapi.CmdSwapOn, agentapi.SwapArgs{Serial: serial}, &r)
+	return r, err
+}
+
+// SwapOff turns the swap on the disk with that serial off.
+func (c *Client) SwapOff(ctx context.Context, serial string) (agentapi.SwapResult, error) {
+	var r agentapi.SwapResult
+	err := c.Call(ctx, agentapi.CmdSwapOff, agentapi.SwapArgs{Serial: serial}, &r)
+	return r, err
+}
+
 // Stats returns uptime, kernel and agent counters.
 func (c *Client) Stats(ctx context.Context) (agentapi.StatsResult, error) {
 	var r agentapi.StatsResult
