@@ -34,6 +34,8 @@ func status(err error) (int, string) {
 		return http.StatusConflict, "exists"
 	case errors.Is(err, swap.ErrNoSwap):
 		return http.StatusNotFound, "no_swap"
+	case errors.Is(err, swap.ErrProtected), errors.Is(err, protect.ErrHasSwap):
+		return http.StatusConflict, "swap_and_protection"
 	case errors.Is(err, swap.ErrState):
 		return http.StatusConflict, "invalid_state"
 	case errors.Is(err, swap.ErrNotConfigured):

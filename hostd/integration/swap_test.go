@@ -10,6 +10,7 @@ import (
 	"hostd/hostd/client"
 	"hostd/hostd/config"
 	"hostd/hostd/hostdtest"
+	"hostd/hostd/protect"
 	"hostd/hostd/swap"
 	"hostd/hostd/vm"
 	"hostd/images/guest/agentapi"
@@ -271,6 +272,11 @@ func TestSwapBadInputs(t *testing.T) {
 	}
 	if _, err := c.PutSwap(ctx, name, good); !client.IsStatus(err, 409) {
 		t.Errorf("swap twice: %v, want 409", err)
+	}
+	// Swapped-out pages would not move with an evacuation: a VM with a
+	// swap device cannot be protected.
+	if _, err := c.Protect(ctx, name, protect.Request{Backup: "127.0.0.1:1"}); !client.IsStatus(err, 409) || !strings.Contains(err.Error(), "swap") {
+		t.Errorf("protect a VM with swap: %v, want 409 naming its swap", err)
 	}
 	if err := c.DeleteSwap(ctx, prefix+"ghost"); !client.IsStatus(err, 404) {
 		t.Errorf("delete swap of unknown VM: %v, want 404", err)

@@ -26,6 +26,9 @@ var (
 	ErrNotServed     = errors.New("VM's memory is not served by hostd")
 	ErrNotConfigured = errors.New("protection is not configured on this host")
 	ErrBackup        = errors.New("backup unavailable")
+	// ErrHasSwap: the VM swaps to a cooperative swap device, whose pages
+	// an evacuation would not carry.
+	ErrHasSwap = errors.New("VM has a cooperative swap device")
 )
 
 // Request is the body of PUT /v1/vms/{name}/protection.
@@ -209,6 +212,12 @@ func (m *Manager) Protect(ctx context.Context, name string, req Request) (jobs.J
 	l := m.lock(name)
 	l.Lock()
 	defer l.Unlock()
+	// The pages a guest swapped out live in its swap device, not its
+	// memory: a restore elsewhere would find them missing (and QEMU's
+	// device state would name a disk the restored domain lacks).
+	if m.st.Has(store.BucketSwap, name) {
+		return jobs.Job{}, fmt.Errorf("%s: %w: its swapped-out pages would not move with an evacuation; swapoff in the guest and DELETE /v1/vms/%s/swap first", op, ErrHasSwap, name)
+	}
 	_, c, err := m.served(ctx, name)
 	if err != nil {
 		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)

@@ -74,6 +74,17 @@ func Put[T any](s *Store, bucket, key string, v T) error {
 	return nil
 }
 
+// Has says whether bucket holds key (another package's record, which a
+// caller checks without decoding it).
+func (s *Store) Has(bucket, key string) bool {
+	found := false
+	_ = s.db.View(func(tx *bolt.Tx) error {
+		found = tx.Bucket([]byte(bucket)).Get([]byte(key)) != nil
+		return nil
+	})
+	return found
+}
+
 // Get loads the value under key, or ErrNotFound.
 func Get[T any](s *Store, bucket, key string) (T, error) {
 	var v T

@@ -40,6 +40,9 @@ var (
 	ErrNoSwap        = errors.New("the VM has no swap device")
 	ErrNotConfigured = errors.New("cooperative swap is not configured on this host")
 	ErrState         = errors.New("the VM is not running")
+	// ErrProtected: the VM is protected; an evacuation would not carry
+	// the pages it swapped out.
+	ErrProtected = errors.New("the VM is protected")
 )
 
 // Request is the body of PUT /v1/vms/{name}/swap.
@@ -186,6 +189,9 @@ func (m *Manager) Put(ctx context.Context, name string, req Request) (Status, er
 	}
 	if v.State != xen.StateRunning {
 		return Status{}, fmt.Errorf("%s: %w (state %s): start it, then add swap", op, ErrState, v.State)
+	}
+	if m.st.Has(store.BucketProtection, name) {
+		return Status{}, fmt.Errorf("%s: %w: pages swapped out to the device would not move with an evacuation; DELETE /v1/vms/%s/protection first", op, ErrProtected, name)
 	}
 	for _, dk := range v.Spec.Disks {
 		if dk.Target == Target {

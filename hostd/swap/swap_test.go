@@ -118,6 +118,16 @@ func TestPutRefusesBadRequests(t *testing.T) {
 	if _, err := e.manager(t).Put(ctx, "web", good); !errors.Is(err, ErrNotConfigured) {
 		t.Errorf("no swap tls: %v, want ErrNotConfigured", err)
 	}
+	// A protected VM: its swapped-out pages would not move with it.
+	if err := store.Put(e.st, store.BucketProtection, "web", map[string]string{"backup": "b:1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Put(ctx, "web", good); !errors.Is(err, ErrProtected) {
+		t.Errorf("protected VM: %v, want ErrProtected", err)
+	}
+	if err := e.st.Delete(store.BucketProtection, "web"); err != nil {
+		t.Fatal(err)
+	}
 	if l := m.List(); len(l) != 0 {
 		t.Errorf("devices after refused requests: %+v", l)
 	}
