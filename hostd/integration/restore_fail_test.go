@@ -71,34 +71,6 @@ func (l *eventLog) wait(t *testing.T, typ, vm string, d time.Duration) client.Ev
 	}
 }
 
-// evacuatedSource makes the restore point the failure tests restore: a
-// 256 MiB served guest whose region a (24 MiB, one pass of seed) is done
-// and whose workload c (8 MiB) runs, protected and evacuated with
-// after=destroy. It returns the evacuation's epoch and c's page count at
-// the evacuation.
-func evacuatedSource(t *testing.T, ctx context.Context, d *hostdtest.Daemon, bk *hostdtest.BackupHost, name string, seed uint64) (uint64, uint64) {
-	t.Helper()
-	c := d.Client
-	_, ac := servedVM(t, ctx, d, name, 256)
-	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: "a", SizeMiB: 24, Seed: seed, Passes: 1}); err != nil {
-		t.Fatal(err)
-	}
-	waitWorkload(t, ctx, ac, "a")
-	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: "c", SizeMiB: 8, Seed: seed + 1, RateMiBs: 2}); err != nil {
-		t.Fatal(err)
-	}
-	protectAndWait(t, ctx, c, name, protect.Request{Backup: bk.Addr})
-	time.Sleep(time.Second)
-	before, err := ac.Ops(ctx, "c")
-	if err != nil {
-		t.Fatal(err)
-	}
-	rep := evacuate(t, ctx, c, name, protect.EvacuateRequest{After: protect.AfterDestroy})
-	ac.Close()
-	t.Logf("%s evacuated: epoch %d in %.0f ms", name, rep.Epoch, rep.TotalMS)
-	return rep.Epoch, before.PagesTotal
-}
-
 // restoreFails starts a restore that must fail and returns its job.
 func restoreFails(t *testing.T, ctx context.Context, c *client.Client, req protect.RestoreRequest) jobs.Job {
 	t.Helper()

@@ -56,21 +56,20 @@ func checkRestored(t *testing.T, ctx context.Context, c *client.Client, name str
 	}
 }
 
-// A VM evacuated on one host comes back lazily on the same host and, on a
-// second host in its own network namespace reaching the backup over its
-// own veth, lazily and in full: memory intact, workloads continuing.
-func TestRestoreOnTwoHosts(t *testing.T) {
-	d, bk := protectedHost(t, 0)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
+// evacuatedSource makes the restore point the restore tests restore: a
+// 256 MiB served guest whose region a (24 MiB, one pass of seed) is done
+// and whose workload c (8 MiB) runs, protected and evacuated with
+// after=destroy. It returns the evacuation's epoch and c's page count at
+// the evacuation.
+func evacuatedSource(t *testing.T, ctx context.Context, d *hostdtest.Daemon, bk *hostdtest.BackupHost, name string, seed uint64) (uint64, uint64) {
+	t.Helper()
 	c := d.Client
-	name := prefix + "src"
 	_, ac := servedVM(t, ctx, d, name, 256)
-	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: "a", SizeMiB: 24, Seed: 21, Passes: 2}); err != nil {
+	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: "a", SizeMiB: 24, Seed: seed, Passes: 1}); err != nil {
 		t.Fatal(err)
 	}
 	waitWorkload(t, ctx, ac, "a")
-	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: "c", SizeMiB: 8, Seed: 22, RateMiBs: 2}); err != nil {
+	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: "c", SizeMiB: 8, Seed: seed + 1, RateMiBs: 2}); err != nil {
 		t.Fatal(err)
 	}
 	protectAndWait(t, ctx, c, name, protect.Request{Backup: bk.Addr})
@@ -80,17 +79,30 @@ func TestRestoreOnTwoHosts(t *testing.T) {
 		t.Fatal(err)
 	}
 	rep := evacuate(t, ctx, c, name, protect.EvacuateRequest{After: protect.AfterDestroy})
-	t.Logf("evacuated: epoch %d in %.0f ms", rep.Epoch, rep.TotalMS)
 	ac.Close()
+	t.Logf("%s evacuated: epoch %d in %.0f ms", name, rep.Epoch, rep.TotalMS)
+	return rep.Epoch, before.PagesTotal
+}
+
+// A VM evacuated on one host comes back lazily on the same host and, on a
+// second host in its own network namespace reaching the backup over its
+// own veth, lazily and in full: memory intact, workloads continuing.
+func TestRestoreOnTwoHosts(t *testing.T) {
+	d, bk := protectedHost(t, 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c := d.Client
+	name := prefix + "src"
+	epoch, before := evacuatedSource(t, ctx, d, bk, name, 21)
 
 	// Same host, new domain.
 	r := restoreAndWait(t, ctx, c, protect.RestoreRequest{Backup: bk.Addr, ID: name, Name: prefix + "local"})
 	t.Logf("lazy restore here: resume %.0f ms, resident %.0f ms, %d bytes fetched, %d remote faults (p50 %.0f us), phases %+v",
 		r.ResumeMS, r.ResidentMS, r.BytesFetched, r.Faults, r.FaultP50US, r.Phases)
-	if r.Epoch != rep.Epoch {
-		t.Fatalf("restored epoch %d, evacuated %d", r.Epoch, rep.Epoch)
+	if r.Epoch != epoch {
+		t.Fatalf("restored epoch %d, evacuated %d", r.Epoch, epoch)
 	}
-	checkRestored(t, ctx, c, prefix+"local", before.PagesTotal)
+	checkRestored(t, ctx, c, prefix+"local", before)
 	if err := c.DeleteVM(ctx, prefix+"local"); err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +120,7 @@ func TestRestoreOnTwoHosts(t *testing.T) {
 		n := prefix + "h2" + mode
 		r := restoreAndWait(t, ctx, d2.Client, protect.RestoreRequest{Backup: bk.Addr, ID: name, Name: n, Mode: mode})
 		t.Logf("%s restore on host 2: resume %.0f ms, resident %.0f ms, %d bytes fetched", mode, r.ResumeMS, r.ResidentMS, r.BytesFetched)
-		checkRestored(t, ctx, d2.Client, n, before.PagesTotal)
+		checkRestored(t, ctx, d2.Client, n, before)
 		if err := d2.Client.DeleteVM(ctx, n); err != nil {
 			t.Fatal(err)
 		}

@@ -15,7 +15,6 @@ import (
 	"hostd/hostd/jobs"
 	"hostd/hostd/protect"
 	"hostd/hostd/vm"
-	"hostd/images/guest/agentapi"
 )
 
 // waitSlots polls GET /v1/host until the warm slot of memory mib and vcpus
@@ -57,22 +56,7 @@ func TestWarmSlotRestore(t *testing.T) {
 	defer cancel()
 	c := d.Client
 	name := prefix + "wsrc"
-	_, ac := servedVM(t, ctx, d, name, mib)
-	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: "a", SizeMiB: 16, Seed: 31, Passes: 2}); err != nil {
-		t.Fatal(err)
-	}
-	waitWorkload(t, ctx, ac, "a")
-	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: "c", SizeMiB: 8, Seed: 32, RateMiBs: 2}); err != nil {
-		t.Fatal(err)
-	}
-	protectAndWait(t, ctx, c, name, protect.Request{Backup: bk.Addr})
-	time.Sleep(time.Second)
-	before, err := ac.Ops(ctx, "c")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ev := evacuate(t, ctx, c, name, protect.EvacuateRequest{After: protect.AfterDestroy})
-	ac.Close()
+	epoch, before := evacuatedSource(t, ctx, d, bk, name, 31)
 	if err := c.DeleteVM(ctx, name); err != nil {
 		t.Fatal(err)
 	}
@@ -82,8 +66,8 @@ func TestWarmSlotRestore(t *testing.T) {
 	warm := prefix + "warm"
 	r := restoreAndWait(t, ctx, c, protect.RestoreRequest{Backup: bk.Addr, ID: name, Name: warm})
 	t.Logf("warm restore: slot %s, resume %.0f ms, resident %.0f ms, phases %+v", r.Slot, r.ResumeMS, r.ResidentMS, r.Phases)
-	if r.Slot == "" || !vm.IsSlot(r.Slot) || r.Epoch != ev.Epoch {
-		t.Fatalf("restore did not use the warm slot (cold: %q), epoch %d (evacuated %d)", r.ColdReason, r.Epoch, ev.Epoch)
+	if r.Slot == "" || !vm.IsSlot(r.Slot) || r.Epoch != epoch {
+		t.Fatalf("restore did not use the warm slot (cold: %q), epoch %d (evacuated %d)", r.ColdReason, r.Epoch, epoch)
 	}
 	for _, p := range r.Phases {
 		if p.Name == "define" || p.Name == "memory" {
@@ -94,7 +78,7 @@ func TestWarmSlotRestore(t *testing.T) {
 	if v.Domain() != r.Slot || !v.Restored {
 		t.Fatalf("restored VM %+v does not run in slot %s", v.Record, r.Slot)
 	}
-	checkRestored(t, ctx, c, warm, before.PagesTotal)
+	checkRestored(t, ctx, c, warm, before)
 	s1 := waitSlots(t, ctx, c, mib, 1, 1, 1)
 	t.Logf("slot refilled: %+v", s1)
 
@@ -156,7 +140,7 @@ func TestWarmSlotRestore(t *testing.T) {
 	if v := mustVM(t, d, cold); v.Domain() != cold {
 		t.Fatalf("cold-restored VM runs in domain %s", v.Domain())
 	}
-	checkRestored(t, ctx, c, cold, before.PagesTotal)
+	checkRestored(t, ctx, c, cold, before)
 	if err := c.DeleteVM(ctx, cold); err != nil {
 		t.Fatal(err)
 	}
