@@ -292,6 +292,11 @@ func (s *server) teardown() {
 		// QEMU let go" for this reason.
 		s.log.Error("unmount", "err", err)
 	}
+	// The shared bind under the mount goes too, before a Shutdown is
+	// answered: whoever asked may reuse the directory at once.
+	if err := unix.Unmount(s.cfg.Dir, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
+		s.log.Warn("unmount the shared bind", "dir", s.cfg.Dir, "err", err)
+	}
 }
 
 // --- control API ---
