@@ -206,18 +206,18 @@ type CopyReport struct {
 // backup; the first full copy is the returned job.
 func (m *Manager) Protect(ctx context.Context, name string, req Request) (jobs.Job, error) {
 	op := fmt.Sprintf("protect VM %q", name)
-	if err := m.applyDefaults(&req, name); err != nil {
-		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
-	}
-	l := m.lock(name)
-	l.Lock()
-	defer l.Unlock()
 	// The pages a guest swapped out live in its swap device, not its
 	// memory: a restore elsewhere would find them missing (and QEMU's
 	// device state would name a disk the restored domain lacks).
 	if m.st.Has(store.BucketSwap, name) {
 		return jobs.Job{}, fmt.Errorf("%s: %w: its swapped-out pages would not move with an evacuation; swapoff in the guest and DELETE /v1/vms/%s/swap first", op, ErrHasSwap, name)
 	}
+	if err := m.applyDefaults(&req, name); err != nil {
+		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
+	}
+	l := m.lock(name)
+	l.Lock()
+	defer l.Unlock()
 	_, c, err := m.served(ctx, name)
 	if err != nil {
 		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
