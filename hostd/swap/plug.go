@@ -28,19 +28,19 @@ func (m *Manager) plug(ctx context.Context, rec Record) (how string, err error) 
 	mon := m.hv.Monitor()
 	if mon == nil {
 		disk := xen.Disk{NBDSocket: rec.Socket, Target: Target, Serial: rec.Serial, NBDReconnectDelay: delay}
-		return "hypervisor", m.hv.AttachDisk(ctx, rec.domain(), disk)
+		return "hypervisor", m.hv.AttachDisk(ctx, m.vms.DomainOf(rec.VM), disk)
 	}
 	node := map[string]any{"driver": "nbd", "node-name": nodeName, "export": "swap",
 		"server": map[string]any{"type": "unix", "path": rec.Socket}}
 	if delay > 0 {
 		node["reconnect-delay"] = delay
 	}
-	if _, err := mon.Command(ctx, rec.domain(), "blockdev-add", node); err != nil {
+	if _, err := mon.Command(ctx, m.vms.DomainOf(rec.VM), "blockdev-add", node); err != nil {
 		return "", fmt.Errorf("add the NBD block node: %w", err)
 	}
 	dev := map[string]any{"driver": "virtio-blk-pci", "id": deviceID, "drive": nodeName, "serial": rec.Serial}
-	if _, err := mon.Command(ctx, rec.domain(), "device_add", dev); err != nil {
-		if _, derr := mon.Command(ctx, rec.domain(), "blockdev-del", map[string]any{"node-name": nodeName}); derr != nil {
+	if _, err := mon.Command(ctx, m.vms.DomainOf(rec.VM), "device_add", dev); err != nil {
+		if _, derr := mon.Command(ctx, m.vms.DomainOf(rec.VM), "blockdev-del", map[string]any{"node-name": nodeName}); derr != nil {
 			m.log.Warn("remove the NBD block node after a failed device_add", "vm", rec.VM, "err", derr)
 		}
 		return "", fmt.Errorf("add the virtio disk: %w", err)
@@ -53,17 +53,17 @@ func (m *Manager) plug(ctx context.Context, rec Record) (how string, err error) 
 // deleted once the device is gone from QOM.
 func (m *Manager) unplug(ctx context.Context, rec Record) error {
 	if rec.Plugged != "monitor" {
-		return m.hv.DetachDisk(ctx, rec.domain(), Target)
+		return m.hv.DetachDisk(ctx, m.vms.DomainOf(rec.VM), Target)
 	}
 	mon := m.hv.Monitor()
 	if mon == nil {
 		return fmt.Errorf("%w: the device was plugged through a QEMU monitor this hypervisor lacks", ErrState)
 	}
-	if _, err := mon.Command(ctx, rec.domain(), "device_del", map[string]any{"id": deviceID}); err != nil && !isQMPClass(err, "DeviceNotFound") {
+	if _, err := mon.Command(ctx, m.vms.DomainOf(rec.VM), "device_del", map[string]any{"id": deviceID}); err != nil && !isQMPClass(err, "DeviceNotFound") {
 		return fmt.Errorf("remove the virtio disk: %w", err)
 	}
 	for i := 0; ; i++ {
-		out, err := mon.Command(ctx, rec.domain(), "qom-list", map[string]any{"path": "/machine/peripheral"})
+		out, err := mon.Command(ctx, m.vms.DomainOf(rec.VM), "qom-list", map[string]any{"path": "/machine/peripheral"})
 		if err != nil {
 			return fmt.Errorf("wait for the guest to release the disk: %w", err)
 		}
@@ -89,7 +89,7 @@ func (m *Manager) unplug(ctx context.Context, rec Record) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
-	if _, err := mon.Command(ctx, rec.domain(), "blockdev-del", map[string]any{"node-name": nodeName}); err != nil && !isQMPClass(err, "GenericError") {
+	if _, err := mon.Command(ctx, m.vms.DomainOf(rec.VM), "blockdev-del", map[string]any{"node-name": nodeName}); err != nil && !isQMPClass(err, "GenericError") {
 		return fmt.Errorf("remove the NBD block node: %w", err)
 	}
 	return nil

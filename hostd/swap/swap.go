@@ -56,10 +56,7 @@ type Request struct {
 // Record is what the store keeps per device, so a restarted hostd can
 // serve it again.
 type Record struct {
-	VM string `json:"vm"`
-	// Domain is the libvirt domain the VM runs in: its name, or a warm
-	// slot's for a VM restored into one.
-	Domain  string   `json:"domain,omitempty"`
+	VM      string   `json:"vm"`
 	SizeMiB int64    `json:"size_mib"`
 	Repos   []string `json:"repos"`
 	Path    string   `json:"path"`   // local write-through file
@@ -96,6 +93,9 @@ type OverloadStatus struct {
 // VMs is what the manager needs of the VM manager.
 type VMs interface {
 	Get(ctx context.Context, name string) (vm.VM, error)
+	// DomainOf is the hypervisor's name for the VM: its own, or a warm
+	// slot's for a VM restored into one.
+	DomainOf(name string) string
 }
 
 // Manager owns the swap devices.
@@ -208,7 +208,7 @@ func (m *Manager) Put(ctx context.Context, name string, req Request) (Status, er
 		return Status{}, fmt.Errorf("%s: %w (DELETE it first to change it)", op, ErrExists)
 	}
 	rec := Record{
-		VM: name, Domain: v.Domain(), SizeMiB: req.SizeMiB, Repos: slices.Clone(req.Repos),
+		VM: name, SizeMiB: req.SizeMiB, Repos: slices.Clone(req.Repos),
 		Path:   filepath.Join(m.cfg.VMDir(v.Domain()), "swap.img"),
 		Socket: filepath.Join(m.cfg.RunDir, "swap", name+".sock"),
 		Serial: SerialNumber, Created: time.Now().UTC(),
@@ -469,13 +469,4 @@ func (m *Manager) Close() {
 		delete(m.devs, name)
 	}
 	m.wg.Wait()
-}
-
-// domain is the hypervisor's name for the record's VM (records written
-// before warm slots carry none: the VM's own name then).
-func (r Record) domain() string {
-	if r.Domain != "" {
-		return r.Domain
-	}
-	return r.VM
 }

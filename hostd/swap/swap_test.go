@@ -27,6 +27,8 @@ import (
 // fakeVMs answers Get with fixed VMs.
 type fakeVMs map[string]xen.State
 
+func (f fakeVMs) DomainOf(name string) string { return name }
+
 func (f fakeVMs) Get(_ context.Context, name string) (vm.VM, error) {
 	st, ok := f[name]
 	if !ok {
