@@ -1,8 +1,8 @@
 package dataplane
 
 import (
-	"errors"
 	"fmt"
+	"hostd/hostd/errdefs"
 	"net/netip"
 )
 
@@ -19,13 +19,13 @@ const (
 // Errors a caller can test with errors.Is. Every returned error wraps one of
 // these (or a system error) with the operation and the connector.
 var (
-	ErrInvalid       = errors.New("invalid connector")
-	ErrExists        = errors.New("connector ID already in use")
-	ErrNotFound      = errors.New("no such connector")
-	ErrNotLocal      = errors.New("no endpoint on this host")
-	ErrDeviceInUse   = errors.New("device already attached to another connector")
-	ErrUnknownDevice = errors.New("unknown local device")
-	ErrClosed        = errors.New("dataplane closed")
+	ErrInvalid       = errdefs.New(errdefs.ErrInvalid, "invalid_request", "invalid connector")
+	ErrExists        = errdefs.New(errdefs.ErrConflict, "exists", "connector ID already in use")
+	ErrNotFound      = errdefs.New(errdefs.ErrNotFound, "not_found", "no such connector")
+	ErrNotLocal      = errdefs.New(errdefs.ErrInvalid, "invalid_request", "no endpoint on this host")
+	ErrDeviceInUse   = errdefs.New(errdefs.ErrInvalid, "invalid_request", "device already attached to another connector")
+	ErrUnknownDevice = errdefs.New(errdefs.ErrInvalid, "invalid_request", "unknown local device")
+	ErrClosed        = errdefs.New(errdefs.ErrUnavailable, "dataplane_closed", "dataplane closed")
 )
 
 // Endpoint is one end of a connector: the host running the VM and, on that

@@ -3,7 +3,7 @@ package xen
 import (
 	"context"
 	"encoding/json"
-	"errors"
+	"hostd/hostd/errdefs"
 	"os"
 	"time"
 )
@@ -12,15 +12,15 @@ import (
 // them with errors.Is; the HTTP layer maps them to status codes.
 var (
 	// ErrNotFound: no domain of that name.
-	ErrNotFound = errors.New("domain not found")
+	ErrNotFound = errdefs.New(errdefs.ErrNotFound, "not_found", "domain not found")
 	// ErrExists: a domain of that name is already defined.
-	ErrExists = errors.New("domain already exists")
+	ErrExists = errdefs.New(errdefs.ErrConflict, "exists", "domain already exists")
 	// ErrInvalidSpec: the spec cannot describe a bootable domain.
-	ErrInvalidSpec = errors.New("invalid domain spec")
+	ErrInvalidSpec = errdefs.New(errdefs.ErrInvalid, "invalid_request", "invalid domain spec")
 	// ErrUnavailable: the hypervisor (libvirtd) cannot be reached; retry later.
-	ErrUnavailable = errors.New("hypervisor unavailable")
+	ErrUnavailable = errdefs.New(errdefs.ErrUnavailable, "hypervisor_unavailable", "hypervisor unavailable")
 	// ErrState: the operation does not apply in the domain's current state.
-	ErrState = errors.New("operation not valid in domain state")
+	ErrState = errdefs.New(errdefs.ErrConflict, "invalid_state", "operation not valid in domain state")
 )
 
 // Hypervisor is the second-layer hypervisor as hostd uses it. Every method

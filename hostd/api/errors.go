@@ -2,16 +2,10 @@ package api
 
 import (
 	"encoding/json"
-	"errors"
 	"net/http"
 
-	"hostd/dataplane"
-	"hostd/hostd/connector"
-	"hostd/hostd/jobs"
-	"hostd/hostd/protect"
-	"hostd/hostd/swap"
-	"hostd/hostd/vm"
-	"hostd/xen"
+	"hostd/hostd/errdefs"
+	"hostd/hostd/valid"
 )
 
 // Error is the body of every non-2xx response.
@@ -21,57 +15,14 @@ type Error struct {
 	Message string `json:"error"`
 }
 
-// status maps an error from the layers below to an HTTP status and code.
-func status(err error) (int, string) {
-	switch {
-	case errors.Is(err, vm.ErrInvalid), errors.Is(err, xen.ErrInvalidSpec), errors.Is(err, errBadRequest),
-		errors.Is(err, dataplane.ErrInvalid), errors.Is(err, dataplane.ErrNotLocal),
-		errors.Is(err, dataplane.ErrDeviceInUse), errors.Is(err, dataplane.ErrUnknownDevice):
-		return http.StatusBadRequest, "invalid_request"
-	case errors.Is(err, swap.ErrInvalid):
-		return http.StatusBadRequest, "invalid_request"
-	case errors.Is(err, swap.ErrExists):
-		return http.StatusConflict, "exists"
-	case errors.Is(err, swap.ErrNoSwap):
-		return http.StatusNotFound, "no_swap"
-	case errors.Is(err, swap.ErrProtected), errors.Is(err, protect.ErrHasSwap):
-		return http.StatusConflict, "swap_and_protection"
-	case errors.Is(err, swap.ErrState):
-		return http.StatusConflict, "invalid_state"
-	case errors.Is(err, swap.ErrNotConfigured):
-		return http.StatusNotImplemented, "not_configured"
-	case errors.Is(err, protect.ErrNotServed), errors.Is(err, protect.ErrBadState):
-		return http.StatusBadRequest, "invalid_request"
-	case errors.Is(err, protect.ErrNotProtected):
-		return http.StatusConflict, "not_protected"
-	case errors.Is(err, protect.ErrProtected):
-		return http.StatusConflict, "protected"
-	case errors.Is(err, protect.ErrNotConfigured):
-		return http.StatusNotImplemented, "not_configured"
-	case errors.Is(err, protect.ErrBackup):
-		return http.StatusBadGateway, "backup_unavailable"
-	case errors.Is(err, vm.ErrNotFound), errors.Is(err, jobs.ErrNotFound), errors.Is(err, xen.ErrNotFound),
-		errors.Is(err, dataplane.ErrNotFound):
-		return http.StatusNotFound, "not_found"
-	case errors.Is(err, vm.ErrExists), errors.Is(err, xen.ErrExists), errors.Is(err, dataplane.ErrExists):
-		return http.StatusConflict, "exists"
-	case errors.Is(err, connector.ErrDisabled):
-		return http.StatusNotImplemented, "not_configured"
-	case errors.Is(err, dataplane.ErrClosed):
-		return http.StatusServiceUnavailable, "dataplane_closed"
-	case errors.Is(err, xen.ErrState):
-		return http.StatusConflict, "invalid_state"
-	case errors.Is(err, xen.ErrUnavailable):
-		return http.StatusServiceUnavailable, "hypervisor_unavailable"
-	default:
-		return http.StatusInternalServerError, "internal"
-	}
-}
+// errBadRequest is what the API layer itself refuses (bodies, query
+// parameters): the same code as any other invalid field.
+var errBadRequest = valid.ErrRequest
 
-var errBadRequest = errors.New("bad request")
-
+// writeError answers with err's class and code (errdefs.HTTP): the layers
+// below declare what their errors mean, the API does not list them.
 func writeError(w http.ResponseWriter, err error) {
-	code, name := status(err)
+	code, name := errdefs.HTTP(err)
 	writeJSON(w, code, Error{Code: name, Message: err.Error()})
 }
 

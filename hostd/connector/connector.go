@@ -10,12 +10,13 @@ import (
 	"time"
 
 	"hostd/dataplane"
+	"hostd/hostd/errdefs"
 	"hostd/hostd/events"
 	"hostd/hostd/store"
 )
 
 // ErrDisabled: this hostd runs no dataplane (no underlay configured).
-var ErrDisabled = errors.New("connectors are not configured on this host: set dataplane.underlay in the configuration")
+var ErrDisabled = errdefs.New(errdefs.ErrNotImplemented, "not_configured", "connectors are not configured on this host: set dataplane.underlay in the configuration")
 
 // Endpoint names one end of a connector as the scheduler sees it.
 type Endpoint struct {

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"hostd/hostd/errdefs"
 	"hostd/hostd/events"
 	"hostd/hostd/store"
 )
@@ -41,7 +42,7 @@ type Job struct {
 }
 
 // ErrNotFound: no job with that ID.
-var ErrNotFound = errors.New("job not found")
+var ErrNotFound = errdefs.New(errdefs.ErrNotFound, "not_found", "job not found")
 
 // Func is the body of a job. It reports progress through p and returns its
 // final report. It must return when ctx ends.

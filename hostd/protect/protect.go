@@ -2,7 +2,6 @@ package protect
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math"
@@ -12,6 +11,7 @@ import (
 
 	"hostd/checkpoint/memserver"
 	"hostd/hostd/config"
+	"hostd/hostd/errdefs"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/store"
@@ -21,14 +21,14 @@ import (
 
 // Errors the API maps to status codes.
 var (
-	ErrNotProtected  = errors.New("VM is not protected")
-	ErrProtected     = errors.New("VM is already protected")
-	ErrNotServed     = errors.New("VM's memory is not served by hostd")
-	ErrNotConfigured = errors.New("protection is not configured on this host")
-	ErrBackup        = errors.New("backup unavailable")
+	ErrNotProtected  = errdefs.New(errdefs.ErrConflict, "not_protected", "VM is not protected")
+	ErrProtected     = errdefs.New(errdefs.ErrConflict, "protected", "VM is already protected")
+	ErrNotServed     = errdefs.New(errdefs.ErrInvalid, "not_served", "VM's memory is not served by hostd")
+	ErrNotConfigured = errdefs.New(errdefs.ErrNotImplemented, "not_configured", "protection is not configured on this host")
+	ErrBackup        = errdefs.New(errdefs.ErrPeer, "backup_unavailable", "backup unavailable")
 	// ErrHasSwap: the VM swaps to a cooperative swap device, whose pages
 	// an evacuation would not carry.
-	ErrHasSwap = errors.New("VM has a cooperative swap device")
+	ErrHasSwap = errdefs.New(errdefs.ErrConflict, "swap_and_protection", "VM has a cooperative swap device")
 )
 
 // Request is the body of PUT /v1/vms/{name}/protection.

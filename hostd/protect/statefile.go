@@ -4,9 +4,9 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"fmt"
 
+	"hostd/hostd/errdefs"
 	"hostd/xen"
 )
 
@@ -21,7 +21,7 @@ const stateMagic = "HOSTDVM1"
 const maxSpecJSON = 1 << 20
 
 // ErrBadState: the blob is not one hostd wrote.
-var ErrBadState = errors.New("not a hostd restore point")
+var ErrBadState = errdefs.New(errdefs.ErrPeer, "bad_restore_point", "not a hostd restore point")
 
 // Saved is what a restore point records about the VM besides its memory.
 type Saved struct {

@@ -19,6 +19,7 @@ import (
 	"hostd/dataplane/overload"
 	"hostd/dataplane/swapdev"
 	"hostd/hostd/config"
+	"hostd/hostd/errdefs"
 	"hostd/hostd/events"
 	"hostd/hostd/store"
 	"hostd/hostd/vm"
@@ -35,14 +36,14 @@ const Target = "vdz"
 
 // Errors the API maps to status codes.
 var (
-	ErrInvalid       = errors.New("invalid swap request")
-	ErrExists        = errors.New("the VM already has a swap device")
-	ErrNoSwap        = errors.New("the VM has no swap device")
-	ErrNotConfigured = errors.New("cooperative swap is not configured on this host")
-	ErrState         = errors.New("the VM is not running")
+	ErrInvalid       = errdefs.New(errdefs.ErrInvalid, "invalid_request", "invalid swap request")
+	ErrExists        = errdefs.New(errdefs.ErrConflict, "exists", "the VM already has a swap device")
+	ErrNoSwap        = errdefs.New(errdefs.ErrNotFound, "no_swap", "the VM has no swap device")
+	ErrNotConfigured = errdefs.New(errdefs.ErrNotImplemented, "not_configured", "cooperative swap is not configured on this host")
+	ErrState         = errdefs.New(errdefs.ErrConflict, "invalid_state", "the VM is not running")
 	// ErrProtected: the VM is protected; an evacuation would not carry
 	// the pages it swapped out.
-	ErrProtected = errors.New("the VM is protected")
+	ErrProtected = errdefs.New(errdefs.ErrConflict, "swap_and_protection", "the VM is protected")
 )
 
 // Request is the body of PUT /v1/vms/{name}/swap.

@@ -1,21 +1,22 @@
 package vm
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"regexp"
 	"time"
 
+	"hostd/hostd/errdefs"
+	"hostd/hostd/valid"
 	"hostd/xen"
 )
 
 // Errors the API maps to 4xx codes. Hypervisor errors (xen.Err*) pass
 // through wrapped.
 var (
-	ErrInvalid  = errors.New("invalid request")
-	ErrNotFound = errors.New("no such VM")
-	ErrExists   = errors.New("VM already exists")
+	ErrInvalid  = valid.ErrRequest
+	ErrNotFound = errdefs.New(errdefs.ErrNotFound, "not_found", "no such VM")
+	ErrExists   = errdefs.New(errdefs.ErrConflict, "exists", "VM already exists")
 )
 
 // Request is the body of POST /v1/vms.
