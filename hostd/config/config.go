@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"hostd/hostd/valid"
 	"io/fs"
 	"net"
 	"net/netip"
@@ -476,8 +477,25 @@ func (c Config) BackupDir() string {
 // HasRole reports whether role r is switched on.
 func (c Config) HasRole(r string) bool { return slices.Contains(c.Roles, r) }
 
-// VMDir is where hostd keeps one VM's files (RAM file, serial log, agent socket).
-func (c Config) VMDir(name string) string { return filepath.Join(c.StateDir, "vms", name) }
+// VMDir is where hostd keeps one domain's files (RAM file, serial log,
+// memory server's files). domain must be a VM's or a warm slot's name
+// (valid.DomainName): any other name is an error, never a path, so that no
+// request can make hostd touch a file outside its state directory.
+func (c Config) VMDir(domain string) (string, error) {
+	if err := valid.DomainName(domain); err != nil {
+		return "", err
+	}
+	return valid.Within(filepath.Join(c.StateDir, "vms"), domain)
+}
+
+// RunSocket is the unix socket of kind sub ("agents", "mem", "swap") named
+// after a domain in the run directory, checked as VMDir checks.
+func (c Config) RunSocket(sub, domain string) (string, error) {
+	if err := valid.DomainName(domain); err != nil {
+		return "", err
+	}
+	return valid.Within(filepath.Join(c.RunDir, sub), domain+".sock")
+}
 
 // EnsureDirs creates the state and run directories with private modes.
 func (c Config) EnsureDirs() error {

@@ -165,7 +165,7 @@ func TestProtectAndEvacuate(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitWorkload(t, ctx, ac, "a")
-	st := protectAndWait(t, ctx, c, name, protect.Request{Backup: bk.Addr, Bound: config.Duration{Duration: 5 * time.Second}})
+	st := protectAndWait(t, ctx, c, name, protect.Request{Backup: bk.Addr, Bound: &config.Duration{Duration: 5 * time.Second}})
 	t.Logf("protected: state %s copy %d bytes cap %d bandwidth %.1f MB/s headroom %.0f ms",
 		st.State, st.CopyTotal, st.CapBytes, st.BandwidthBps/1e6, st.HeadroomMS)
 	if st.State != "protected" || st.CapBytes <= 0 || st.Backup != bk.Addr {
@@ -220,7 +220,7 @@ func TestProtectionBadInputs(t *testing.T) {
 	}
 	name := prefix + "badp"
 	servedVM(t, ctx, d, name, 128)
-	good := protect.Request{Backup: bk.Addr, Bound: config.Duration{Duration: 5 * time.Second}}
+	good := protect.Request{Backup: bk.Addr, Bound: &config.Duration{Duration: 5 * time.Second}}
 	cases := []struct {
 		what string
 		vm   string
@@ -231,7 +231,7 @@ func TestProtectionBadInputs(t *testing.T) {
 		{"plain memory", plain, good, http.StatusBadRequest},
 		{"no backup", name, protect.Request{}, http.StatusBadRequest},
 		{"backup not host:port", name, protect.Request{Backup: "nowhere"}, http.StatusBadRequest},
-		{"negative bound", name, protect.Request{Backup: bk.Addr, Bound: config.Duration{Duration: -time.Second}}, http.StatusBadRequest},
+		{"negative bound", name, protect.Request{Backup: bk.Addr, Bound: &config.Duration{Duration: -time.Second}}, http.StatusBadRequest},
 		{"epoch interval too short", name, protect.Request{Backup: bk.Addr, EpochInterval: config.Duration{Duration: time.Millisecond}}, http.StatusBadRequest},
 		{"dead backup", name, protect.Request{Backup: bk.HostIP + ":9"}, http.StatusBadGateway},
 	}
@@ -382,7 +382,7 @@ func TestProtectionSurvivesKills(t *testing.T) {
 	c := d.Client
 	name := prefix + "kills"
 	v, ac := servedVM(t, ctx, d, name, 256)
-	protectAndWait(t, ctx, c, name, protect.Request{Backup: bk.Addr, Bound: config.Duration{Duration: 5 * time.Second}})
+	protectAndWait(t, ctx, c, name, protect.Request{Backup: bk.Addr, Bound: &config.Duration{Duration: 5 * time.Second}})
 	if _, err := ac.Dirty(ctx, agentapi.DirtyArgs{Region: "w", SizeMiB: 48, Seed: 11, RateMiBs: 16}); err != nil {
 		t.Fatal(err)
 	}
@@ -481,7 +481,7 @@ func TestEvacuationBoundThrottled(t *testing.T) {
 	name := prefix + "bound"
 	_, ac := servedVM(t, ctx, d, name, 256)
 	const bound = 4 * time.Second
-	protectAndWait(t, ctx, c, name, protect.Request{Backup: bk.Addr, Bound: config.Duration{Duration: bound}})
+	protectAndWait(t, ctx, c, name, protect.Request{Backup: bk.Addr, Bound: &config.Duration{Duration: bound}})
 	link := float64(mbit) * 1e6 / 8 / (1 << 20)
 	for i, x := range []float64{0, 0.5, 1, 4} {
 		region := string(rune('p' + i))

@@ -104,7 +104,10 @@ func checkNothingLeft(t *testing.T, ctx context.Context, d *hostdtest.Daemon, na
 			t.Fatalf("failed restore left domain %s", name)
 		}
 	}
-	dir := d.Config.VMDir(name)
+	dir, err := d.Config.VMDir(name)
+	if err != nil {
+		t.Fatal(err)
+	}
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, p := range procs {
 		b, err := os.ReadFile(p)

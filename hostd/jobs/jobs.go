@@ -37,6 +37,9 @@ type Job struct {
 	Created  time.Time  `json:"created"`
 	Finished *time.Time `json:"finished,omitempty"`
 	Error    string     `json:"error,omitempty"`
+	// Code is the failure's API code (errdefs), the same an API request
+	// failing for that cause answers with: what went wrong, not where.
+	Code string `json:"code,omitempty"`
 	// Report is the operation's final report (timings, bytes, ...).
 	Report any `json:"report,omitempty"`
 }
@@ -74,6 +77,7 @@ func NewManager(st *store.Store, ev *events.Broker, log *slog.Logger) (*Manager,
 		t := m.now()
 		j.State, j.Finished = Interrupted, &t
 		j.Error = "hostd stopped while this job ran; check the VM's state and retry the operation"
+		j.Code = "interrupted"
 		if err := store.Put(st, store.BucketJobs, j.ID, j); err != nil {
 			return nil, fmt.Errorf("jobs: mark %s interrupted: %w", j.ID, err)
 		}
@@ -116,7 +120,7 @@ func (m *Manager) finish(id string, report any, err error) {
 	j.Finished, j.Report = &t, report
 	j.State, j.Progress = Succeeded, 1
 	if err != nil {
-		j.State, j.Error = Failed, err.Error()
+		j.State, j.Error, j.Code = Failed, err.Error(), errdefs.Code(err)
 	}
 	final := *j
 	m.mu.Unlock()

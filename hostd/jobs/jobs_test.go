@@ -3,11 +3,13 @@ package jobs
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"testing"
 	"time"
 
+	"hostd/hostd/errdefs"
 	"hostd/hostd/events"
 	"hostd/hostd/store"
 )
@@ -42,6 +44,10 @@ func TestJobLifecycleAndPersistence(t *testing.T) {
 	bad, _ := m.Start(ctx, "shutdown", "vm2", func(ctx context.Context, p *Progress) (any, error) {
 		return nil, errors.New("guest ignored ACPI")
 	})
+	refused := errdefs.New(errdefs.ErrNotFound, "restore_point_not_found", "no such restore point")
+	coded, _ := m.Start(ctx, "restore", "vm3", func(ctx context.Context, p *Progress) (any, error) {
+		return nil, fmt.Errorf("restore VM \"vm3\": %w: epoch 9", refused)
+	})
 	close(release)
 	if err := m.Wait(ctx); err != nil {
 		t.Fatal(err)
@@ -53,6 +59,13 @@ func TestJobLifecycleAndPersistence(t *testing.T) {
 	if got, _ := m.Get(bad.ID); got.State != Failed || got.Error != "guest ignored ACPI" {
 		t.Fatalf("failed job: %+v", got)
 	}
+	// A failed job carries its cause's code; an uncoded cause is internal.
+	if got, _ := m.Get(coded.ID); got.State != Failed || got.Code != "restore_point_not_found" {
+		t.Fatalf("failed job with a coded cause: %+v", got)
+	}
+	if got, _ := m.Get(bad.ID); got.Code != errdefs.Internal {
+		t.Fatalf("failed job with an uncoded cause has code %q", got.Code)
+	}
 	if _, err := m.Get("job-nope"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("unknown job: %v", err)
 	}
@@ -63,7 +76,7 @@ func TestJobLifecycleAndPersistence(t *testing.T) {
 	defer st.Close()
 	m, _ = NewManager(st, events.NewBroker(), log)
 	all, err := m.List()
-	if err != nil || len(all) != 2 || all[0].ID != j.ID {
+	if err != nil || len(all) != 3 || all[0].ID != j.ID {
 		t.Fatalf("after reopen: %+v %v", all, err)
 	}
 }

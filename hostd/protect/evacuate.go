@@ -13,6 +13,7 @@ import (
 	"hostd/checkpoint/memserver"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
+	"hostd/hostd/valid"
 	"hostd/hostd/vm"
 	"hostd/xen"
 	"hostd/xen/qemu"
@@ -92,15 +93,25 @@ func (m *Manager) checkEvacuation(ctx context.Context, name string, req *Evacuat
 	default:
 		return Record{}, fmt.Errorf("%w: after %q is not pause, destroy or resume", vm.ErrInvalid, req.After)
 	}
-	if _, _, err := m.served(ctx, name); err != nil {
+	if !req.Deadline.IsZero() && !req.Deadline.After(time.Now()) {
+		return Record{}, fmt.Errorf("%w: deadline %s has passed", vm.ErrInvalid, req.Deadline.Format(time.RFC3339Nano))
+	}
+	if !req.Deadline.IsZero() && req.Deadline.After(time.Now().Add(maxBound)) {
+		return Record{}, fmt.Errorf("%w: deadline %s is more than %v away", vm.ErrInvalid, req.Deadline.Format(time.RFC3339Nano), maxBound)
+	}
+	if err := valid.VMName(name); err != nil {
+		return Record{}, err
+	}
+	v, _, err := m.served(ctx, name)
+	if err != nil {
 		return Record{}, err
 	}
 	rec, err := getRecord(m, name)
 	if err != nil {
 		return Record{}, err
 	}
-	if !req.Deadline.IsZero() && !req.Deadline.After(time.Now()) {
-		return Record{}, fmt.Errorf("%w: deadline %s has passed", vm.ErrInvalid, req.Deadline.Format(time.RFC3339Nano))
+	if v.State != xen.StateRunning {
+		return Record{}, fmt.Errorf("%w (it is %s): only a running guest can be evacuated; its last restore point stays restorable", ErrNotRunning, v.State)
 	}
 	return rec, nil
 }

@@ -31,14 +31,24 @@ func NewMemories(cfg config.Config, exe string, log *slog.Logger) *Memories {
 	return &Memories{cfg: cfg, exe: exe, log: log, clients: map[string]*memserver.Client{}}
 }
 
-// Paths of one VM's memory server.
-func (m *Memories) mountDir(vm string) string { return filepath.Join(m.cfg.VMDir(vm), "mem") }
-func (m *Memories) configFile(vm string) string {
-	return filepath.Join(m.cfg.VMDir(vm), "memserver.json")
+// memPaths are the files of one domain's memory server.
+type memPaths struct {
+	dir, mount, config, log, socket string
 }
-func (m *Memories) logFile(vm string) string { return filepath.Join(m.cfg.VMDir(vm), "memserver.log") }
-func (m *Memories) socket(vm string) string {
-	return filepath.Join(m.cfg.RunDir, "mem", vm+".sock")
+
+// paths derives a memory server's files from its domain's name, which
+// config checks: a name that could leave the state directory is an error.
+func (m *Memories) paths(vm string) (memPaths, error) {
+	dir, err := m.cfg.VMDir(vm)
+	if err != nil {
+		return memPaths{}, err
+	}
+	sock, err := m.cfg.RunSocket("mem", vm)
+	if err != nil {
+		return memPaths{}, err
+	}
+	return memPaths{dir: dir, mount: filepath.Join(dir, "mem"), config: filepath.Join(dir, "memserver.json"),
+		log: filepath.Join(dir, "memserver.log"), socket: sock}, nil
 }
 
 // Serve starts (or finds) the VM's memory server and returns its RAM path.
@@ -59,13 +69,17 @@ func (m *Memories) serve(ctx context.Context, cfg memserver.Config) (string, err
 			return "", fmt.Errorf("%s: a memory server of %d bytes already serves it; delete the VM first", op, st.Size)
 		}
 	}
-	cfg.Dir, cfg.Socket = m.mountDir(cfg.VM), m.socket(cfg.VM)
-	for _, d := range []string{filepath.Dir(cfg.Socket), m.cfg.VMDir(cfg.VM)} {
+	p, err := m.paths(cfg.VM)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", op, err)
+	}
+	cfg.Dir, cfg.Socket = p.mount, p.socket
+	for _, d := range []string{filepath.Dir(p.socket), p.dir} {
 		if err := os.MkdirAll(d, 0o750); err != nil {
 			return "", fmt.Errorf("%s: %w", op, err)
 		}
 	}
-	cfgFile := m.configFile(cfg.VM)
+	cfgFile := p.config
 	b, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", op, err)
@@ -73,7 +87,7 @@ func (m *Memories) serve(ctx context.Context, cfg memserver.Config) (string, err
 	if err := os.WriteFile(cfgFile, b, 0o600); err != nil {
 		return "", fmt.Errorf("%s: %w", op, err)
 	}
-	c, pid, err := m.start(ctx, cfg, cfgFile)
+	c, pid, err := m.start(ctx, cfg, cfgFile, p.log)
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", op, err)
 	}
@@ -92,7 +106,7 @@ func (m *Memories) serve(ctx context.Context, cfg memserver.Config) (string, err
 // hostd-memserver@.service, outside hostd's unit and mount namespace (see
 // that unit); elsewhere a child in its own session, which outlives hostd
 // the same way.
-func (m *Memories) start(ctx context.Context, cfg memserver.Config, cfgFile string) (*memserver.Client, int, error) {
+func (m *Memories) start(ctx context.Context, cfg memserver.Config, cfgFile, logFile string) (*memserver.Client, int, error) {
 	if os.Getenv("INVOCATION_ID") != "" && cfgFile == filepath.Join("/var/lib/hostd/vms", cfg.VM, "memserver.json") {
 		unit := "hostd-memserver@" + cfg.VM + ".service"
 		if out, err := exec.CommandContext(ctx, "systemctl", "start", unit).CombinedOutput(); err != nil {
@@ -110,9 +124,9 @@ func (m *Memories) start(ctx context.Context, cfg memserver.Config, cfgFile stri
 			}
 		}
 	}
-	c, pid, err := memserver.Spawn(ctx, m.exe, []string{"memserve", "-config", cfgFile}, cfg, m.logFile(cfg.VM))
+	c, pid, err := memserver.Spawn(ctx, m.exe, []string{"memserve", "-config", cfgFile}, cfg, logFile)
 	if err != nil {
-		return nil, 0, fmt.Errorf("%w (its log: %s)", err, m.logFile(cfg.VM))
+		return nil, 0, fmt.Errorf("%w (its log: %s)", err, logFile)
 	}
 	return c, pid, nil
 }
@@ -125,7 +139,11 @@ func (m *Memories) Client(ctx context.Context, vm string) (*memserver.Client, er
 	if c, ok := m.clients[vm]; ok {
 		return c, nil
 	}
-	c, err := memserver.Attach(ctx, m.socket(vm))
+	p, err := m.paths(vm)
+	if err != nil {
+		return nil, fmt.Errorf("memory server of VM %s: %w", vm, err)
+	}
+	c, err := memserver.Attach(ctx, p.socket)
 	if err != nil {
 		return nil, fmt.Errorf("memory server of VM %s: %w", vm, err)
 	}

@@ -15,6 +15,7 @@ import (
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/store"
+	"hostd/hostd/valid"
 	"hostd/hostd/vm"
 	"hostd/xen"
 )
@@ -28,19 +29,28 @@ var (
 	ErrBackup        = errdefs.New(errdefs.ErrPeer, "backup_unavailable", "backup unavailable")
 	// ErrHasSwap: the VM swaps to a cooperative swap device, whose pages
 	// an evacuation would not carry.
-	ErrHasSwap = errdefs.New(errdefs.ErrConflict, "swap_and_protection", "VM has a cooperative swap device")
+	// Failures of a backup, told apart so that a job says which it met.
+	ErrRestorePoint   = errdefs.New(errdefs.ErrNotFound, "restore_point_not_found", "no such restore point at the backup")
+	ErrBackupFull     = errdefs.New(errdefs.ErrPeer, "backup_full", "the backup's disk is full")
+	ErrBackupProtocol = errdefs.New(errdefs.ErrPeer, "backup_protocol", "the backup broke the protocol")
+	ErrBackupTLS      = errdefs.New(errdefs.ErrPeer, "backup_tls", "the TLS handshake with the backup failed")
+	ErrBackupCorrupt  = errdefs.New(errdefs.ErrPeer, "backup_corrupt", "pages of the restore point are corrupt at the backup")
+	// ErrNotRunning: the operation needs the VM's guest running.
+	ErrNotRunning = errdefs.New(errdefs.ErrConflict, "not_running", "VM is not running")
+	ErrHasSwap    = errdefs.New(errdefs.ErrConflict, "swap_and_protection", "VM has a cooperative swap device")
 )
 
 // Request is the body of PUT /v1/vms/{name}/protection.
 type Request struct {
 	Backup string `json:"backup"`       // host:port of a backup-role hostd
 	ID     string `json:"id,omitempty"` // the VM's id at the backup; default its name
-	// Bound is T, the evacuation guarantee; default checkpoint.default_bound.
-	Bound config.Duration `json:"bound,omitempty"`
+	// Bound is T, the evacuation guarantee; absent: checkpoint.default_bound
+	// (a bound given as 0 is refused, not taken for the default).
+	Bound *config.Duration `json:"bound,omitempty"`
 	// EpochInterval > 0 takes a crash-consistent restore point that often
 	// (a short pause); between them nothing is committed, so a revocation
 	// without warning falls back to the last one.
-	EpochInterval config.Duration `json:"epoch_interval,omitempty"`
+	EpochInterval config.Duration `json:"epoch_interval,omitzero"`
 	// Weight is the VM's share of the host's backup bandwidth; default 1.
 	Weight float64 `json:"weight,omitempty"`
 }
@@ -96,6 +106,8 @@ type Manager struct {
 	sent   map[string]sample             // bytes sent at the last rebalance
 	wg     sync.WaitGroup
 	slots  *slots
+	// restoring holds the names that restore jobs are bringing back.
+	restoring map[string]bool
 }
 
 // NewManager returns a manager; call Resume to re-attach existing
@@ -105,7 +117,7 @@ func NewManager(ctx context.Context, cfg config.Config, hv xen.Hypervisor, vms *
 		cfg: cfg, hv: hv, vms: vms, mem: mem, st: st, ev: ev, jobs: jm, log: log.With("component", "protect"), ctx: ctx,
 		locks: map[string]*sync.Mutex{}, epochs: map[string]context.CancelFunc{},
 		shares: map[string]float64{}, pauses: map[string]time.Duration{}, sent: map[string]sample{},
-		slots: newSlots(cfg, vms, mem, log),
+		slots: newSlots(cfg, vms, mem, log), restoring: map[string]bool{},
 	}
 }
 
@@ -146,30 +158,62 @@ func (m *Manager) served(ctx context.Context, name string) (vm.VM, *memserver.Cl
 	return v, c, nil
 }
 
+// Limits of a protection request.
+const (
+	maxBound         = 24 * time.Hour
+	minEpochInterval = time.Second
+	maxWeight        = 1e6
+)
+
+// Validate checks a protection request's fields as given (before
+// defaults): what it names must be usable, what it omits is defaulted.
+// nested: the request is a restore's "protect", whose backup and id
+// default to the restore's.
+func (r Request) Validate(nested bool) error {
+	switch {
+	case r.Backup == "" && !nested:
+		return fmt.Errorf("%w: backup (host:port of a backup-role hostd) is required", valid.ErrAddress)
+	case r.Bound != nil && r.Bound.Duration <= 0:
+		return fmt.Errorf("%w: bound %v must be positive (omit it for the host's default)", valid.ErrRequest, r.Bound)
+	case r.Bound != nil && r.Bound.Duration > maxBound:
+		return fmt.Errorf("%w: bound %v is longer than %v", valid.ErrRequest, r.Bound, maxBound)
+	case r.EpochInterval.Duration < 0:
+		return fmt.Errorf("%w: epoch_interval %v must not be negative", valid.ErrRequest, r.EpochInterval)
+	case r.EpochInterval.Duration > 0 && r.EpochInterval.Duration < minEpochInterval:
+		return fmt.Errorf("%w: epoch_interval %v is below %v; each epoch pauses the VM", valid.ErrRequest, r.EpochInterval, minEpochInterval)
+	case r.Weight < 0 || r.Weight > maxWeight || math.IsNaN(r.Weight) || math.IsInf(r.Weight, 0):
+		return fmt.Errorf("%w: weight %v must be positive and at most %g (omit it for 1)", valid.ErrRequest, r.Weight, maxWeight)
+	}
+	if r.Backup != "" {
+		if err := valid.HostPort("backup", r.Backup); err != nil {
+			return err
+		}
+	}
+	if r.ID != "" {
+		if err := valid.BackupID(r.ID); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// applyDefaults validates r and fills in what it omits for VM name.
 func (m *Manager) applyDefaults(r *Request, name string) error {
+	if err := r.Validate(false); err != nil {
+		return err
+	}
 	if r.ID == "" {
+		if err := valid.BackupID(name); err != nil {
+			return err
+		}
 		r.ID = name
 	}
-	if r.Bound.Duration == 0 {
-		r.Bound = m.cfg.Checkpoint.DefaultBound
+	if r.Bound == nil {
+		b := m.cfg.Checkpoint.DefaultBound
+		r.Bound = &b
 	}
 	if r.Weight == 0 {
 		r.Weight = 1
-	}
-	switch {
-	case r.Backup == "":
-		return fmt.Errorf("%w: backup (host:port of a backup-role hostd) is required", vm.ErrInvalid)
-	case r.Bound.Duration < 0:
-		return fmt.Errorf("%w: bound %v must be positive", vm.ErrInvalid, r.Bound)
-	case r.EpochInterval.Duration < 0:
-		return fmt.Errorf("%w: epoch_interval %v must not be negative", vm.ErrInvalid, r.EpochInterval)
-	case r.EpochInterval.Duration > 0 && r.EpochInterval.Duration < time.Second:
-		return fmt.Errorf("%w: epoch_interval %v is below 1s; each epoch pauses the VM", vm.ErrInvalid, r.EpochInterval)
-	case r.Weight < 0 || math.IsNaN(r.Weight) || math.IsInf(r.Weight, 0):
-		return fmt.Errorf("%w: weight %v must be positive", vm.ErrInvalid, r.Weight)
-	}
-	if _, _, err := net.SplitHostPort(r.Backup); err != nil {
-		return fmt.Errorf("%w: backup %q is not host:port", vm.ErrInvalid, r.Backup)
 	}
 	if !m.cfg.Checkpoint.TLS.Set() {
 		return fmt.Errorf("%w: set [checkpoint] tls (ca, cert, key) in the configuration", ErrNotConfigured)
@@ -206,6 +250,9 @@ type CopyReport struct {
 // backup; the first full copy is the returned job.
 func (m *Manager) Protect(ctx context.Context, name string, req Request) (jobs.Job, error) {
 	op := fmt.Sprintf("protect VM %q", name)
+	if err := valid.VMName(name); err != nil {
+		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
+	}
 	// The pages a guest swapped out live in its swap device, not its
 	// memory: a restore elsewhere would find them missing (and QEMU's
 	// device state would name a disk the restored domain lacks).
@@ -218,9 +265,14 @@ func (m *Manager) Protect(ctx context.Context, name string, req Request) (jobs.J
 	l := m.lock(name)
 	l.Lock()
 	defer l.Unlock()
-	_, c, err := m.served(ctx, name)
+	v, c, err := m.served(ctx, name)
 	if err != nil {
 		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
+	}
+	// A guest that never ran, or was shut off, has no memory worth a
+	// restore point and no device state an evacuation could save.
+	if v.State != xen.StateRunning && v.State != xen.StatePaused {
+		return jobs.Job{}, fmt.Errorf("%s: %w (it is %s): start it first (POST /v1/vms/%s/start)", op, ErrNotRunning, v.State, name)
 	}
 	if rec, err := store.Get[Record](m.st, store.BucketProtection, name); err == nil {
 		return jobs.Job{}, fmt.Errorf("%s: %w (to %s since %s); DELETE its protection first", op, ErrProtected, rec.Backup, rec.Since.Format(time.RFC3339))

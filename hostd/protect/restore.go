@@ -2,7 +2,11 @@ package protect
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"hostd/checkpoint/backupclient"
@@ -12,6 +16,7 @@ import (
 	"hostd/checkpoint/wire"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
+	"hostd/hostd/valid"
 	"hostd/hostd/vm"
 	"hostd/xen"
 )
@@ -61,8 +66,49 @@ type RestoreReport struct {
 	ColdReason string `json:"cold_reason,omitempty"`
 }
 
-// Restore brings a VM back from a backup's restore point as a job.
+// Validate checks a restore request as given, before defaults: every field
+// it names must be usable, so that a request that cannot succeed is refused
+// before a job, a file or a memory server exists.
+func (r RestoreRequest) Validate() error {
+	if r.Backup == "" {
+		return fmt.Errorf("%w: backup (host:port of the backup holding the VM) is required", valid.ErrAddress)
+	}
+	if err := valid.HostPort("backup", r.Backup); err != nil {
+		return err
+	}
+	if err := valid.BackupID(r.ID); err != nil {
+		return err
+	}
+	if r.Name != "" {
+		if err := valid.VMName(r.Name); err != nil {
+			return err
+		}
+	} else if err := valid.VMName(r.ID); err != nil {
+		return fmt.Errorf("%w (the name defaults to the id, which is not a VM name here: give \"name\")", err)
+	}
+	switch {
+	case r.Mode != "" && r.Mode != "lazy" && r.Mode != "full":
+		return fmt.Errorf("%w: mode %q is not lazy or full", valid.ErrRequest, r.Mode)
+	case r.PrefetchRate < 0 || math.IsNaN(r.PrefetchRate) || math.IsInf(r.PrefetchRate, 0):
+		return fmt.Errorf("%w: prefetch_rate must be a finite number of bytes/s, 0 for unlimited", valid.ErrRequest)
+	case r.Slot != "" && r.Slot != "auto" && r.Slot != "cold":
+		return fmt.Errorf("%w: slot %q is not auto or cold", valid.ErrRequest, r.Slot)
+	}
+	if r.Protect != nil {
+		if err := r.Protect.Validate(true); err != nil {
+			return fmt.Errorf("protect: %w", err)
+		}
+	}
+	return nil
+}
+
+// Restore brings a VM back from a backup's restore point as a job. The
+// name is reserved for the job's lifetime: a second restore to the same
+// name is refused, so that a failing restore cleans up only what it made.
 func (m *Manager) Restore(ctx context.Context, req RestoreRequest) (jobs.Job, error) {
+	if err := req.Validate(); err != nil {
+		return jobs.Job{}, fmt.Errorf("restore VM: %w", err)
+	}
 	if req.Name == "" {
 		req.Name = req.ID
 	}
@@ -73,26 +119,68 @@ func (m *Manager) Restore(ctx context.Context, req RestoreRequest) (jobs.Job, er
 		req.Slot = "auto"
 	}
 	op := fmt.Sprintf("restore VM %q", req.Name)
-	switch {
-	case req.Backup == "" || req.ID == "":
-		return jobs.Job{}, fmt.Errorf("%s: %w: backup and id are required", op, vm.ErrInvalid)
-	case req.Mode != "lazy" && req.Mode != "full":
-		return jobs.Job{}, fmt.Errorf("%s: %w: mode %q is not lazy or full", op, vm.ErrInvalid, req.Mode)
-	case req.PrefetchRate < 0:
-		return jobs.Job{}, fmt.Errorf("%s: %w: prefetch_rate must not be negative", op, vm.ErrInvalid)
-	case req.Slot != "auto" && req.Slot != "cold":
-		return jobs.Job{}, fmt.Errorf("%s: %w: slot %q is not auto or cold", op, vm.ErrInvalid, req.Slot)
-	}
-	probe := Request{Backup: req.Backup}
-	if err := m.applyDefaults(&probe, req.Name); err != nil {
-		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
+	if !m.cfg.Checkpoint.TLS.Set() {
+		return jobs.Job{}, fmt.Errorf("%s: %w: set [checkpoint] tls (ca, cert, key) in the configuration", op, ErrNotConfigured)
 	}
 	if _, err := m.vms.Get(ctx, req.Name); err == nil {
 		return jobs.Job{}, fmt.Errorf("%s: %w (name it otherwise with \"name\")", op, vm.ErrExists)
 	}
-	return m.jobs.Start(m.ctx, "restore", req.Name, func(ctx context.Context, p *jobs.Progress) (any, error) {
+	if _, err := m.hv.Domain(ctx, req.Name); err == nil {
+		return jobs.Job{}, fmt.Errorf("%s: %w: a domain of that name exists in the hypervisor but not in hostd (name it otherwise with \"name\")", op, vm.ErrExists)
+	} else if !errors.Is(err, xen.ErrNotFound) {
+		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
+	}
+	if !m.reserve(req.Name) {
+		return jobs.Job{}, fmt.Errorf("%s: %w: a restore to that name is running (GET /v1/jobs)", op, vm.ErrExists)
+	}
+	j, err := m.jobs.Start(m.ctx, "restore", req.Name, func(ctx context.Context, p *jobs.Progress) (any, error) {
+		defer m.unreserve(req.Name)
 		return m.restore(ctx, req, p)
 	})
+	if err != nil {
+		m.unreserve(req.Name)
+	}
+	return j, err
+}
+
+// reserve claims a name for a restore; false if one already runs for it.
+func (m *Manager) reserve(name string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.restoring[name] {
+		return false
+	}
+	m.restoring[name] = true
+	return true
+}
+
+func (m *Manager) unreserve(name string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.restoring, name)
+}
+
+// backupError says what a failure to read from a backup was: the backup's
+// own refusal (no such restore point, disk full), a frame that broke the
+// protocol, a certificate refused, or a backup that cannot be reached.
+func backupError(err error) error {
+	var we *wire.Error
+	var alert tls.AlertError
+	var unknownCA x509.UnknownAuthorityError
+	var badCert x509.CertificateInvalidError
+	var badHost x509.HostnameError
+	switch {
+	case errors.As(err, &we) && we.Code == wire.CodeNotFound:
+		return fmt.Errorf("%w: %w", ErrRestorePoint, err)
+	case errors.As(err, &we) && we.Code == wire.CodeNoSpace:
+		return fmt.Errorf("%w: %w", ErrBackupFull, err)
+	case errors.As(err, &we), errors.Is(err, wire.ErrMalformed):
+		return fmt.Errorf("%w: %w", ErrBackupProtocol, err)
+	case errors.As(err, &alert), errors.As(err, &unknownCA), errors.As(err, &badCert), errors.As(err, &badHost):
+		return fmt.Errorf("%w: %w (check [checkpoint] tls: both certificates must come from the same CA, the backup's must name its address)", ErrBackupTLS, err)
+	default:
+		return fmt.Errorf("%w: %w", ErrBackup, err)
+	}
 }
 
 func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progress) (rep RestoreReport, err error) {
@@ -116,13 +204,13 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 	}
 	rc, err := backupclient.DialRestore(ctx, backupclient.RestoreConfig{Addr: req.Backup, TLS: tc, VMID: req.ID, Epoch: req.Epoch, Logger: m.log})
 	if err != nil {
-		return rep, fmt.Errorf("%s: %w: %v", op, ErrBackup, err)
+		return rep, fmt.Errorf("%s: %w", op, backupError(err))
 	}
 	info := rc.Info()
 	blob, err := rc.FetchState(ctx)
 	rc.Close()
 	if err != nil {
-		return rep, fmt.Errorf("%s: %w: %v", op, ErrBackup, err)
+		return rep, fmt.Errorf("%s: %w", op, backupError(err))
 	}
 	rep.Epoch = info.Epoch
 	saved, qstate, err := DecodeState(blob)
@@ -276,9 +364,9 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progr
 		// at the backup fails its checksum, or is newer than the restore
 		// point): the prefetcher has stopped and residency never comes.
 		if r := st.Restore; r != nil && r.CorruptPages > 0 && r.PresentBytes+r.CorruptPages*wire.PageSize >= r.TotalBytes {
-			return rep, fmt.Errorf("%s: %w: %d pages of restore point %d were refused, corrupt or overwritten at the backup (first: page %d; see the restore.corrupt_page and restore.page_moved events); "+
+			return rep, fmt.Errorf("%s: %w: %w: %d pages of restore point %d were refused, corrupt or overwritten at the backup (first: page %d; see the restore.corrupt_page and restore.page_moved events); "+
 				"they were never handed to the guest, every other page is local; the VM runs on but a read of a refused page fails and stops it: "+
-				"delete it and restore again once the backup's copy is repaired", op, restore.ErrCorrupt, r.CorruptPages, info.Epoch, firstRefused)
+				"delete it and restore again once the backup's copy is repaired", op, ErrBackupCorrupt, restore.ErrCorrupt, r.CorruptPages, info.Epoch, firstRefused)
 		}
 		if st.ResidentTotal > 0 {
 			p.Set(0.6+0.4*float64(st.Resident)/float64(st.ResidentTotal), "prefetch")

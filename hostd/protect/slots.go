@@ -137,8 +137,11 @@ func (s *slots) create(ctx context.Context, sh shape) (xen.DomainSpec, error) {
 		s.remove(ctx, name)
 		return xen.DomainSpec{}, fmt.Errorf("warm slot %s: %w", name, err)
 	}
-	spec := s.vms.SlotSpec(name, sh.mib, sh.vcpus, ramPath)
-	if err := s.vms.StartSlot(ctx, spec); err != nil {
+	spec, err := s.vms.SlotSpec(name, sh.mib, sh.vcpus, ramPath)
+	if err == nil {
+		err = s.vms.StartSlot(ctx, spec)
+	}
+	if err != nil {
 		s.remove(ctx, name)
 		return xen.DomainSpec{}, err
 	}

@@ -22,6 +22,7 @@ import (
 	"hostd/hostd/errdefs"
 	"hostd/hostd/events"
 	"hostd/hostd/store"
+	"hostd/hostd/valid"
 	"hostd/hostd/vm"
 	"hostd/xen"
 )
@@ -147,9 +148,8 @@ func (r Request) validate(maxMiB int64) error {
 	}
 	seen := map[string]bool{}
 	for _, a := range r.Repos {
-		host, port, err := net.SplitHostPort(a)
-		if err != nil || host == "" || port == "" {
-			return fmt.Errorf("%w: repo %q is not host:port", ErrInvalid, a)
+		if err := valid.HostPort("repo", a); err != nil {
+			return err
 		}
 		if seen[a] {
 			return fmt.Errorf("%w: repo %q named twice", ErrInvalid, a)
@@ -181,6 +181,9 @@ func (m *Manager) repoConfigs(addrs []string) ([]swapdev.RepoConfig, error) {
 // Put makes a VM's swap device and plugs it into the running VM.
 func (m *Manager) Put(ctx context.Context, name string, req Request) (Status, error) {
 	op := fmt.Sprintf("swap for VM %q", name)
+	if err := valid.VMName(name); err != nil {
+		return Status{}, fmt.Errorf("%s: %w", op, err)
+	}
 	if err := req.validate(m.cfg.Swap.MaxSizeMiB); err != nil {
 		return Status{}, fmt.Errorf("%s: %w", op, err)
 	}
@@ -208,10 +211,17 @@ func (m *Manager) Put(ctx context.Context, name string, req Request) (Status, er
 	if _, ok := m.devs[name]; ok {
 		return Status{}, fmt.Errorf("%s: %w (DELETE it first to change it)", op, ErrExists)
 	}
+	dir, err := m.cfg.VMDir(v.Domain())
+	if err != nil {
+		return Status{}, fmt.Errorf("%s: %w", op, err)
+	}
+	sock, err := m.cfg.RunSocket("swap", name)
+	if err != nil {
+		return Status{}, fmt.Errorf("%s: %w", op, err)
+	}
 	rec := Record{
 		VM: name, SizeMiB: req.SizeMiB, Repos: slices.Clone(req.Repos),
-		Path:   filepath.Join(m.cfg.VMDir(v.Domain()), "swap.img"),
-		Socket: filepath.Join(m.cfg.RunDir, "swap", name+".sock"),
+		Path: filepath.Join(dir, "swap.img"), Socket: sock,
 		Serial: SerialNumber, Created: time.Now().UTC(),
 	}
 	if len(rec.Socket) > 107 {

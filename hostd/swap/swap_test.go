@@ -19,6 +19,7 @@ import (
 	"hostd/hostd/config"
 	"hostd/hostd/events"
 	"hostd/hostd/store"
+	"hostd/hostd/valid"
 	"hostd/hostd/vm"
 	"hostd/xen"
 	"hostd/xen/xentest"
@@ -102,7 +103,9 @@ func TestPutRefusesBadRequests(t *testing.T) {
 		{"size 0", "web", Request{Repos: good.Repos}, ErrInvalid},
 		{"too large", "web", Request{SizeMiB: e.cfg.Swap.MaxSizeMiB + 1, Repos: good.Repos}, ErrInvalid},
 		{"no repos", "web", Request{SizeMiB: 4}, ErrInvalid},
-		{"bad address", "web", Request{SizeMiB: 4, Repos: []string{"10.0.0.1"}}, ErrInvalid},
+		{"bad address", "web", Request{SizeMiB: 4, Repos: []string{"10.0.0.1"}}, valid.ErrAddress},
+		{"port out of range", "web", Request{SizeMiB: 4, Repos: []string{"a:99999"}}, valid.ErrAddress},
+		{"name out of the state directory", "../../x", good, valid.ErrName},
 		{"repo twice", "web", Request{SizeMiB: 4, Repos: []string{"a:1", "a:1"}}, ErrInvalid},
 		{"unknown VM", "ghost", good, vm.ErrNotFound},
 		{"stopped VM", "off", good, ErrState},
@@ -133,7 +136,7 @@ func TestPutRefusesBadRequests(t *testing.T) {
 	if l := m.List(); len(l) != 0 {
 		t.Errorf("devices after refused requests: %+v", l)
 	}
-	if _, err := os.Stat(filepath.Join(e.cfg.VMDir("web"), "swap.img")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(vmDir(t, e.cfg, "web"), "swap.img")); !os.IsNotExist(err) {
 		t.Errorf("a refused request left a file: %v", err)
 	}
 }
@@ -257,4 +260,14 @@ func TestResumeServesTheFileAgain(t *testing.T) {
 	if _, err := os.Stat(st.Path); !os.IsNotExist(err) {
 		t.Errorf("file of a stopped VM's device left: %v", err)
 	}
+}
+
+// vmDir is a domain's directory, for names the test knows to be valid.
+func vmDir(t *testing.T, cfg config.Config, domain string) string {
+	t.Helper()
+	dir, err := cfg.VMDir(domain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }

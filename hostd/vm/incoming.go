@@ -35,7 +35,10 @@ func (m *Manager) CreateIncoming(ctx context.Context, saved xen.DomainSpec, name
 	if _, err := m.record(name); err == nil {
 		return VM{}, fmt.Errorf("%s: %w", op, ErrExists)
 	}
-	spec := m.spec(req)
+	spec, err := m.spec(req)
+	if err != nil {
+		return VM{}, fmt.Errorf("%s: %w", op, err)
+	}
 	spec.RAMPath, spec.Incoming = ramPath, true
 	if err := os.MkdirAll(filepath.Dir(spec.AgentSocket), 0o750); err != nil {
 		return VM{}, fmt.Errorf("%s: %w", op, err)
@@ -98,8 +101,12 @@ func (m *Manager) DiscardIncoming(ctx context.Context, name string) {
 // RemoveFiles removes what a failed restore or a removed slot left in a
 // domain's directory (its memory server must be stopped first).
 func (m *Manager) RemoveFiles(domain string) {
-	m.removeVMFiles(xen.DomainSpec{Name: domain, RAMPath: m.cfg.VMDir(domain) + "/ram",
-		AgentSocket: filepath.Join(m.cfg.RunDir, "agents", domain+".sock")})
+	spec, err := m.spec(Request{Name: domain})
+	if err != nil {
+		m.log.Error("remove files of a domain: not a domain name; nothing removed", "domain", domain, "err", err)
+		return
+	}
+	m.removeVMFiles(spec)
 }
 
 // Resumed records that a restored VM runs: it is ready at once (its guest

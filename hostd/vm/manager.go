@@ -88,7 +88,10 @@ func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
 		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
 	}
 
-	spec := m.spec(req)
+	spec, err := m.spec(req)
+	if err != nil {
+		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
+	}
 	if err := m.makeVMDirs(spec); err != nil {
 		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
 	}
@@ -155,8 +158,15 @@ func (m *Manager) applyDefaults(r *Request) {
 // spec decides where a VM's files live. RAM and serial log sit in the VM's
 // state directory; the agent socket in the run directory, whose short path
 // keeps unix socket names under their 107-byte limit.
-func (m *Manager) spec(r Request) xen.DomainSpec {
-	dir := m.cfg.VMDir(r.Name)
+func (m *Manager) spec(r Request) (xen.DomainSpec, error) {
+	dir, err := m.cfg.VMDir(r.Name)
+	if err != nil {
+		return xen.DomainSpec{}, err
+	}
+	agent, err := m.cfg.RunSocket("agents", r.Name)
+	if err != nil {
+		return xen.DomainSpec{}, err
+	}
 	nics := slices.Clone(r.NICs)
 	for i := range nics {
 		if nics[i].MTU == 0 {
@@ -169,8 +179,8 @@ func (m *Manager) spec(r Request) xen.DomainSpec {
 		Disks: r.Disks, NICs: nics,
 		RAMPath:     filepath.Join(dir, "ram"),
 		SerialLog:   filepath.Join(dir, "serial.log"),
-		AgentSocket: filepath.Join(m.cfg.RunDir, "agents", r.Name+".sock"),
-	}
+		AgentSocket: agent,
+	}, nil
 }
 
 // removeDomain destroys and undefines a domain after a failure (why), with
@@ -208,8 +218,19 @@ func (m *Manager) makeVMDirs(s xen.DomainSpec) error {
 
 // removeVMFiles removes the VM's directory (RAM or its mount point, serial
 // log, a memory server's config, log and restore cache) and agent socket.
+// Only paths inside hostd's own directories are removed: a spec read from
+// the store names its files, and a record is not trusted to stay in them.
 func (m *Manager) removeVMFiles(s xen.DomainSpec) {
-	for _, p := range []string{m.cfg.VMDir(s.Name), filepath.Dir(s.RAMPath), s.AgentSocket} {
+	dir, err := m.cfg.VMDir(s.Name)
+	if err != nil {
+		m.log.Error("remove VM files: not a domain name; nothing removed", "domain", s.Name, "err", err)
+		return
+	}
+	for _, p := range []string{dir, filepath.Dir(s.RAMPath), s.AgentSocket} {
+		if p != dir && !m.inOwnDirs(p) {
+			m.log.Warn("remove VM files: path outside hostd's directories left alone", "path", p)
+			continue
+		}
 		if err := os.RemoveAll(p); err != nil {
 			m.log.Warn("remove VM files", "path", p, "err", err)
 		}

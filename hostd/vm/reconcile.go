@@ -99,7 +99,20 @@ func (m *Manager) Reconcile(ctx context.Context, startup bool) (ReconcileReport,
 // directory: another hostd on the same hypervisor (a second instance, a
 // test) records its spec too, and its VMs are not this one's to adopt.
 func (m *Manager) ownsFiles(s xen.DomainSpec) bool {
-	return strings.HasPrefix(s.RAMPath, m.cfg.VMDir(s.Name)+string(filepath.Separator))
+	dir, err := m.cfg.VMDir(s.Name)
+	return err == nil && strings.HasPrefix(s.RAMPath, dir+string(filepath.Separator))
+}
+
+// inOwnDirs reports whether path lies inside hostd's state or run
+// directory (and is neither of them).
+func (m *Manager) inOwnDirs(path string) bool {
+	p := filepath.Clean(path)
+	for _, d := range []string{m.cfg.StateDir, m.cfg.RunDir} {
+		if rel, err := filepath.Rel(filepath.Clean(d), p); err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+			return true
+		}
+	}
+	return false
 }
 
 // resumeWatch restarts the readiness watcher of a running VM that had not

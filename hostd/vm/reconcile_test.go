@@ -35,7 +35,7 @@ func TestReconcileAdoptsOnlyItsOwnDomains(t *testing.T) {
 	defer func() { cancel(); jm.Wait(context.Background()) }()
 	m := NewManager(ctx, cfg, hv, st, ev, jm, log)
 
-	ours := xen.DomainSpec{Name: "ours", VCPUs: 1, MemoryMiB: 64, RAMPath: filepath.Join(cfg.VMDir("ours"), "ram")}
+	ours := xen.DomainSpec{Name: "ours", VCPUs: 1, MemoryMiB: 64, RAMPath: filepath.Join(vmDir(t, cfg, "ours"), "ram")}
 	theirs := xen.DomainSpec{Name: "theirs", VCPUs: 1, MemoryMiB: 64, RAMPath: "/var/lib/other-hostd/vms/theirs/ram"}
 	for _, s := range []xen.DomainSpec{ours, theirs} {
 		if err := hv.Define(ctx, s); err != nil {

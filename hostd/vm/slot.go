@@ -10,12 +10,13 @@ import (
 	"time"
 
 	"hostd/hostd/store"
+	"hostd/hostd/valid"
 	"hostd/xen"
 )
 
 // SlotPrefix starts the domain name of every warm slot. '.' is not allowed
 // in VM names, so no VM is ever named like a slot.
-const SlotPrefix = "slot."
+const SlotPrefix = valid.SlotPrefix
 
 // IsSlot reports whether a domain name is a warm slot's.
 func IsSlot(domain string) bool { return strings.HasPrefix(domain, SlotPrefix) }
@@ -23,11 +24,14 @@ func IsSlot(domain string) bool { return strings.HasPrefix(domain, SlotPrefix) }
 // SlotSpec is the domain of a warm slot: a VM of the given shape on this
 // host's guest image, without disks or NICs, waiting for an incoming state
 // on ramPath (served by the slot's memory server).
-func (m *Manager) SlotSpec(domain string, memoryMiB uint64, vcpus int, ramPath string) xen.DomainSpec {
-	spec := m.spec(Request{Name: domain, VCPUs: vcpus, MemoryMiB: memoryMiB,
+func (m *Manager) SlotSpec(domain string, memoryMiB uint64, vcpus int, ramPath string) (xen.DomainSpec, error) {
+	spec, err := m.spec(Request{Name: domain, VCPUs: vcpus, MemoryMiB: memoryMiB,
 		Kernel: m.cfg.Guest.Kernel, Initrd: m.cfg.Guest.Initrd, Cmdline: m.cfg.Guest.Cmdline})
+	if err != nil {
+		return xen.DomainSpec{}, fmt.Errorf("warm slot %s: %w", domain, err)
+	}
 	spec.RAMPath, spec.Incoming = ramPath, true
-	return spec
+	return spec, nil
 }
 
 // StartSlot defines and starts a slot's domain: QEMU comes up paused with
@@ -85,8 +89,8 @@ func (m *Manager) SlotFits(saved, slot xen.DomainSpec) string {
 // then calls Resumed.
 func (m *Manager) ClaimSlot(ctx context.Context, name string, slot xen.DomainSpec) (VM, error) {
 	op := fmt.Sprintf("restore VM %q into slot %s", name, slot.Name)
-	if !nameRE.MatchString(name) || len(name) > maxNameLen {
-		return VM{}, fmt.Errorf("%s: %w: name %q must be 1-%d characters of a-z, 0-9 and '-'", op, ErrInvalid, name, maxNameLen)
+	if err := valid.VMName(name); err != nil {
+		return VM{}, fmt.Errorf("%s: %w", op, err)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()

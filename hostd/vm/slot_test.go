@@ -47,15 +47,21 @@ func TestSlotLifecycle(t *testing.T) {
 	m := NewManager(ctx, cfg, hv, st, ev, jm, log)
 
 	const slot = SlotPrefix + "256m.1c.test"
-	spec := m.SlotSpec(slot, 256, 1, filepath.Join(cfg.VMDir(slot), "mem", "ram"))
+	spec, err := m.SlotSpec(slot, 256, 1, filepath.Join(vmDir(t, cfg, slot), "mem", "ram"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := m.StartSlot(ctx, spec); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.StartSlot(ctx, m.SlotSpec("web", 256, 1, "/x")); err == nil {
-		t.Fatal("a slot not named as one was started")
+	if web, err := m.SlotSpec("web", 256, 1, "/x"); err != nil || m.StartSlot(ctx, web) == nil {
+		t.Fatalf("a slot not named as one was started (%v)", err)
+	}
+	if _, err := m.SlotSpec("slot.../../x", 256, 1, "/x"); err == nil {
+		t.Fatal("a slot name that leaves the state directory made a spec")
 	}
 	// A slot whose start a killed hostd did not finish: only its directory.
-	if err := os.MkdirAll(cfg.VMDir(SlotPrefix+"256m.1c.half"), 0o750); err != nil {
+	if err := os.MkdirAll(vmDir(t, cfg, SlotPrefix+"256m.1c.half"), 0o750); err != nil {
 		t.Fatal(err)
 	}
 	if rep, err := m.Reconcile(ctx, true); err != nil || len(rep.Adopted) != 0 {
@@ -113,4 +119,14 @@ func TestSlotLifecycle(t *testing.T) {
 	if _, err := hv.Domain(ctx, slot); err == nil {
 		t.Fatal("deleting the VM left the slot's domain")
 	}
+}
+
+// vmDir is a domain's directory, for names the test knows to be valid.
+func vmDir(t *testing.T, cfg config.Config, domain string) string {
+	t.Helper()
+	dir, err := cfg.VMDir(domain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }

@@ -3,7 +3,6 @@ package vm
 import (
 	"fmt"
 	"os"
-	"regexp"
 	"time"
 
 	"hostd/hostd/errdefs"
@@ -83,22 +82,17 @@ type VM struct {
 	Reason string    `json:"reason,omitempty"`
 }
 
-// Limits a request is checked against before anything is created.
-const (
-	MinMemoryMiB = 16
-	maxNameLen   = 63
-)
-
-var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]*[a-z0-9])?$`)
+// MinMemoryMiB is the least memory a VM is created with.
+const MinMemoryMiB = 16
 
 // validate checks what the manager can check without the hypervisor; the
 // driver validates the rest (host limits, device names) before defining.
 func (r *Request) validate(hostCPUs int, hostMemMiB uint64) error {
 	switch {
 	case r.Name == "":
-		return fmt.Errorf("%w: name is required", ErrInvalid)
-	case len(r.Name) > maxNameLen || !nameRE.MatchString(r.Name):
-		return fmt.Errorf("%w: name %q must be 1-%d characters of a-z, 0-9 and '-', not starting or ending with '-'", ErrInvalid, r.Name, maxNameLen)
+		return fmt.Errorf("%w: name is required", valid.ErrName)
+	case valid.VMName(r.Name) != nil:
+		return valid.VMName(r.Name)
 	case r.VCPUs < 1:
 		return fmt.Errorf("%w: vcpus must be at least 1", ErrInvalid)
 	case hostCPUs > 0 && r.VCPUs > hostCPUs:

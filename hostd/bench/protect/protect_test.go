@@ -134,7 +134,7 @@ func BenchmarkEvacuationBound(b *testing.B) {
 		c := d.Client
 		name := prefix + "bound"
 		ac := e.vm(d, name, 256, true)
-		e.protect(c, name, protect.Request{Backup: bk.Addr, Bound: config.Duration{Duration: bound}})
+		e.protect(c, name, protect.Request{Backup: bk.Addr, Bound: &config.Duration{Duration: bound}})
 		link := float64(linkMbit) * 1e6 / 8 / (1 << 20) // MiB/s
 		worst, worstFlush := 0.0, 0.0
 		for _, x := range []float64{0, 0.5, 1, 4} {
@@ -250,7 +250,7 @@ func BenchmarkVMsPerBackup(b *testing.B) {
 		for n := 1; n <= most; n++ {
 			name := fmt.Sprintf("%sn%d", prefix, n)
 			ac := e.vm(d, name, 128, true)
-			e.protect(c, name, protect.Request{Backup: bk.Addr, Bound: config.Duration{Duration: bound}})
+			e.protect(c, name, protect.Request{Backup: bk.Addr, Bound: &config.Duration{Duration: bound}})
 			if _, err := ac.Dirty(e.ctx, agentapi.DirtyArgs{Region: "w", SizeMiB: 24, Seed: uint64(n), RateMiBs: 4}); err != nil {
 				b.Fatal(err)
 			}

@@ -51,8 +51,11 @@ func (a *cli) protection(ctx context.Context, cmd string, args []string) error {
 	}
 	switch cmd {
 	case "protect":
-		j, err := a.c.Protect(ctx, name, protect.Request{Backup: *backup, ID: *id, Bound: config.Duration{Duration: *bound},
-			EpochInterval: config.Duration{Duration: *epoch}, Weight: *weight})
+		req := protect.Request{Backup: *backup, ID: *id, EpochInterval: config.Duration{Duration: *epoch}, Weight: *weight}
+		if *bound != 0 {
+			req.Bound = &config.Duration{Duration: *bound} // unset: the host's default
+		}
+		j, err := a.c.Protect(ctx, name, req)
 		if err == nil && *wait {
 			j, err = a.c.WaitJob(ctx, j.ID)
 		}
