@@ -11,8 +11,8 @@ import (
 // connectorID parses the {id} path segment.
 func connectorID(r *http.Request) (uint32, error) {
 	v, err := strconv.ParseUint(r.PathValue("id"), 10, 32)
-	if err != nil || v == 0 {
-		return 0, fmt.Errorf("%w: connector id %q must be a number from 1 to 16777215", errBadRequest, r.PathValue("id"))
+	if err != nil || v == 0 || v > connector.MaxID {
+		return 0, fmt.Errorf("%w: connector id %q must be a number from 1 to %d", errBadRequest, r.PathValue("id"), connector.MaxID)
 	}
 	return uint32(v), nil
 }

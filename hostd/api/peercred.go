@@ -47,7 +47,7 @@ func connContext(ctx context.Context, c net.Conn) context.Context {
 // allowed reports whether the peer is root or in group gid (primary or
 // supplementary; the latter read from /proc, since SO_PEERCRED carries only
 // the primary group). gid < 0 means root only.
-func (p peer) allowed(gid int) (bool, string) {
+func (p peer) allowed(gid int, group string) (bool, string) {
 	if p.err != nil {
 		return false, "peer credentials unavailable: " + p.err.Error()
 	}
@@ -57,7 +57,10 @@ func (p peer) allowed(gid int) (bool, string) {
 	if gid >= 0 && (int(p.gid) == gid || inSupplementaryGroup(p.pid, gid)) {
 		return true, ""
 	}
-	return false, fmt.Sprintf("uid %d is neither root nor in the hostd group", p.uid)
+	if gid < 0 {
+		return false, fmt.Sprintf("uid %d is not root, and no group may use this socket (api.group in hostd.toml names none that exists)", p.uid)
+	}
+	return false, fmt.Sprintf("uid %d is neither root nor in group %s (usermod -aG %s USER, then log in again)", p.uid, group, group)
 }
 
 func inSupplementaryGroup(pid int32, gid int) bool {

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/user"
+	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -25,6 +26,7 @@ import (
 	"hostd/hostd/jobs"
 	"hostd/hostd/protect"
 	"hostd/hostd/swap"
+	"hostd/hostd/valid"
 	"hostd/hostd/vm"
 	"hostd/xen"
 )
@@ -96,7 +98,8 @@ type Deps struct {
 type Server struct {
 	d     Deps
 	mux   *http.ServeMux
-	gid   int // hostd group, -1 if none
+	gid   int    // hostd group, -1 if none
+	group string // its name, for messages
 	reqs  *prometheus.CounterVec
 	lat   *prometheus.HistogramVec
 	http  *http.Server
@@ -107,7 +110,7 @@ type Server struct {
 
 // New builds the router. group names the group allowed besides root.
 func New(d Deps, group string) (*Server, error) {
-	s := &Server{d: d, mux: http.NewServeMux(), gid: -1, paths: make(map[string]bool)}
+	s := &Server{d: d, mux: http.NewServeMux(), gid: -1, group: group, paths: make(map[string]bool)}
 	if group != "" {
 		if g, err := user.LookupGroup(group); err == nil {
 			s.gid, _ = strconv.Atoi(g.Gid)
@@ -143,10 +146,11 @@ func New(d Deps, group string) (*Server, error) {
 	if d.VMs != nil {
 		s.hostRoutes()
 	}
-	// Anything else: a JSON 404 rather than the mux's plain text.
-	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+	// Anything else: a JSON 404 rather than the mux's plain text, and for
+	// peers allowed to know which routes exist only.
+	s.mux.Handle("/", s.wrap("other", func(w http.ResponseWriter, r *http.Request) {
 		writeErrorCode(w, http.StatusNotFound, "no_route", fmt.Sprintf("no route %s %s (see GET /v1/openapi.yaml)", r.Method, r.URL.Path))
-	})
+	}))
 	return s, nil
 }
 
@@ -194,10 +198,10 @@ func (s *Server) route(pattern string, h http.HandlerFunc) {
 	// prefers the more specific method patterns).
 	if !s.paths[path] {
 		s.paths[path] = true
-		s.mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+		s.mux.Handle(path, s.wrap(path, func(w http.ResponseWriter, r *http.Request) {
 			writeErrorCode(w, http.StatusMethodNotAllowed, "method_not_allowed",
 				fmt.Sprintf("%s is not allowed on %s (see GET /v1/openapi.yaml)", r.Method, r.URL.Path))
-		})
+		}))
 	}
 }
 
@@ -220,24 +224,44 @@ func (w *statusWriter) Flush() {
 	}
 }
 
+// wrap checks the peer's credentials and the {name} in the path (a VM's
+// name, checked once here for every route, before any handler runs), and
+// counts the request.
 func (s *Server) wrap(route string, h http.HandlerFunc) http.Handler {
+	named := strings.Contains(route, "{name}")
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p, _ := r.Context().Value(credKey{}).(peer)
-		if ok, why := p.allowed(s.gid); !ok {
-			writeErrorCode(w, http.StatusForbidden, "forbidden", why)
-			s.reqs.WithLabelValues(route, "403").Inc()
-			return
-		}
 		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
 		t0 := time.Now()
-		h(sw, r)
+		if err := valid.VMName(r.PathValue("name")); named && err != nil {
+			writeError(sw, fmt.Errorf("%s %s: %w", r.Method, route, err))
+		} else {
+			h(sw, r)
+		}
 		s.lat.WithLabelValues(route).Observe(time.Since(t0).Seconds())
 		s.reqs.WithLabelValues(route, strconv.Itoa(sw.code)).Inc()
 	})
 }
 
-// Handler exposes the router (tests drive it without a socket).
-func (s *Server) Handler() http.Handler { return s.mux }
+// Handler is the whole API: every request, whatever its path, is first
+// checked for the peer's credentials (403 for anyone neither root nor in
+// the hostd group, on the catch-all 404 and 405 too), then for a clean path
+// (ServeMux would redirect "/v1/vms/../x"; hostd refuses it), then routed.
+func (s *Server) Handler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p, _ := r.Context().Value(credKey{}).(peer)
+		if ok, why := p.allowed(s.gid, s.group); !ok {
+			writeErrorCode(w, http.StatusForbidden, "forbidden", why)
+			s.reqs.WithLabelValues("any", "403").Inc()
+			return
+		}
+		if r.URL.Path == "" || path.Clean(r.URL.Path) != r.URL.Path || strings.Contains(r.URL.Path, "\x00") {
+			writeError(w, fmt.Errorf("%w: path %q is not clean (no \".\", \"..\" or empty segments)", errBadRequest, r.URL.Path))
+			s.reqs.WithLabelValues("any", "400").Inc()
+			return
+		}
+		s.mux.ServeHTTP(w, r)
+	})
+}
 
 // Listen creates the socket at path (mode 0660, owned by the hostd group)
 // and serves until ctx ends or Shutdown is called. A stale socket file left
@@ -250,7 +274,7 @@ func (s *Server) Listen(path string) (net.Listener, error) {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("listen on %s: remove stale socket: %w", path, err)
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+	if err := s.runDir(filepath.Dir(path)); err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}
 	l, err := net.Listen("unix", path)
@@ -270,10 +294,36 @@ func (s *Server) Listen(path string) (net.Listener, error) {
 	return l, nil
 }
 
+// runDir makes sure the socket's directory exists and that the hostd group
+// can reach the socket in it: root-owned, group hostd, 0750 (group members
+// may enter, not write). It applies to a directory hostd creates and to one
+// systemd's RuntimeDirectory= or tmpfiles made, whatever group it got.
+func (s *Server) runDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return err
+	}
+	if s.gid < 0 {
+		return nil
+	}
+	if err := os.Chown(dir, 0, s.gid); err != nil {
+		return fmt.Errorf("give %s to group %s: %w", dir, s.group, err)
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	if st.Mode().Perm()&0o050 != 0o050 {
+		if err := os.Chmod(dir, st.Mode().Perm()|0o050); err != nil {
+			return fmt.Errorf("let group %s enter %s: %w", s.group, dir, err)
+		}
+	}
+	return nil
+}
+
 // Serve serves on l until Shutdown.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	s.http = &http.Server{
-		Handler:           s.mux,
+		Handler:           s.Handler(),
 		ConnContext:       connContext,
 		BaseContext:       func(net.Listener) context.Context { return ctx },
 		ReadHeaderTimeout: 10 * time.Second,

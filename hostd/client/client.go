@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"syscall"
 	"time"
 
 	"hostd/dataplane"
@@ -100,6 +101,9 @@ func (c *Client) send(ctx context.Context, method, path string, body any) (*http
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := c.hc.Do(req)
+	if errors.Is(err, syscall.EACCES) {
+		return nil, fmt.Errorf("%s %s: %w (the socket is for root and hostd's group, \"hostd\" unless api.group says otherwise: usermod -aG hostd USER, then log in again)", method, path, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: %w (is hostd running?)", method, path, err)
 	}

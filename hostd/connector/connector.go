@@ -13,6 +13,7 @@ import (
 	"hostd/hostd/errdefs"
 	"hostd/hostd/events"
 	"hostd/hostd/store"
+	"hostd/hostd/valid"
 )
 
 // ErrDisabled: this hostd runs no dataplane (no underlay configured).
@@ -45,6 +46,38 @@ type Record struct {
 	MTU       int       `json:"mtu"` // inner MTU of the link
 	Created   time.Time `json:"created"`
 	Updated   time.Time `json:"updated"`
+}
+
+// Limits of a connector spec.
+const (
+	MaxID  = 1<<24 - 1 // a VXLAN network identifier
+	maxNIC = 63
+)
+
+// Validate checks what a spec says on its own, on every host: an id a VNI
+// can carry, endpoints with IP addresses, VM names and NIC indexes that
+// can exist. Whether a local endpoint's VM and NIC exist is checked later.
+func (s Spec) Validate() error {
+	if s.ID == 0 || s.ID > MaxID {
+		return fmt.Errorf("%w: id %d must be from 1 to %d (a VXLAN VNI)", dataplane.ErrInvalid, s.ID, MaxID)
+	}
+	for _, e := range []struct {
+		name string
+		in   Endpoint
+	}{{"a", s.A}, {"b", s.B}} {
+		if _, err := netip.ParseAddr(e.in.Host); err != nil {
+			return fmt.Errorf("%w: endpoint %s: host %q is not an IP address: give the underlay address of the host running the VM", dataplane.ErrInvalid, e.name, e.in.Host)
+		}
+		if e.in.VM != "" {
+			if err := valid.VMName(e.in.VM); err != nil {
+				return fmt.Errorf("endpoint %s: %w", e.name, err)
+			}
+		}
+		if e.in.NIC < 0 || e.in.NIC > maxNIC {
+			return fmt.Errorf("%w: endpoint %s: nic %d must be from 0 to %d", dataplane.ErrInvalid, e.name, e.in.NIC, maxNIC)
+		}
+	}
+	return nil
 }
 
 // NICs resolves a VM's NIC to its tap on this host.
@@ -103,6 +136,9 @@ func (m *Manager) resolve(s Spec) (dataplane.Connector, error) {
 
 // Create configures a new connector's endpoints on this host.
 func (m *Manager) Create(ctx context.Context, s Spec) (Record, error) {
+	if err := s.Validate(); err != nil {
+		return Record{}, fmt.Errorf("create connector: %w", err)
+	}
 	if m.dp == nil {
 		return Record{}, fmt.Errorf("create connector: %w", ErrDisabled)
 	}
@@ -132,6 +168,9 @@ func (m *Manager) Create(ctx context.Context, s Spec) (Record, error) {
 // Update retargets a connector: typically one endpoint moved to another
 // host. Only the dataplane's map entries change.
 func (m *Manager) Update(ctx context.Context, s Spec) (Record, error) {
+	if err := s.Validate(); err != nil {
+		return Record{}, fmt.Errorf("retarget connector: %w", err)
+	}
 	if m.dp == nil {
 		return Record{}, fmt.Errorf("retarget connector: %w", ErrDisabled)
 	}
