@@ -22,7 +22,9 @@ import (
 	"hostd/hostd/connector"
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
+	"hostd/hostd/protect"
 	"hostd/hostd/store"
+	"hostd/hostd/swap"
 	"hostd/hostd/vm"
 	"hostd/xen/xentest"
 )
@@ -39,9 +41,24 @@ type env struct {
 	cfg  config.Config
 }
 
-func start(t *testing.T) *env {
+func start(t *testing.T) *env { return startWith(t, envOpts{}) }
+
+// envOpts add what some tests need: the memory plane's and swap's
+// managers (full), TLS files named in the configuration (so requests get
+// past the "not configured" check to the validation behind it), the API
+// group, and the test's root directory.
+type envOpts struct {
+	full, tls bool
+	group     string
+	dir       string
+}
+
+func startWith(t *testing.T, o envOpts) *env {
 	t.Helper()
-	dir := t.TempDir()
+	dir := o.dir
+	if dir == "" {
+		dir = t.TempDir()
+	}
 	cfg := config.Default()
 	cfg.StateDir, cfg.RunDir = filepath.Join(dir, "state"), filepath.Join(dir, "run")
 	cfg.API.Socket = filepath.Join(cfg.RunDir, "hostd.sock")
@@ -66,8 +83,20 @@ func start(t *testing.T) *env {
 	vms := vm.NewManager(ctx, cfg, fake, st, ev, jm, log)
 	reg := prometheus.NewRegistry()
 	conns := connector.NewManager(nil, netip.Addr{}, vms, st, ev, log)
-	srv, err := api.New(api.Deps{VMs: vms, Jobs: jm, Events: ev, Hypervisor: fake, Connectors: conns, Version: "test",
-		Roles: cfg.Roles, Registry: reg, Gatherer: reg, Log: log}, "")
+	if o.tls {
+		tls := config.TLS{CA: filepath.Join(dir, "ca.pem"), Cert: filepath.Join(dir, "host.pem"), Key: filepath.Join(dir, "host.key")}
+		cfg.Checkpoint.TLS, cfg.Swap.TLS = tls, tls
+	}
+	deps := api.Deps{VMs: vms, Jobs: jm, Events: ev, Hypervisor: fake, Connectors: conns, Version: "test",
+		Roles: cfg.Roles, Registry: reg, Gatherer: reg, Log: log}
+	if o.full {
+		// No VM here is created on served memory, so no memory server
+		// is ever started (the executable is never run).
+		deps.Protection = protect.NewManager(ctx, cfg, fake, vms, protect.NewMemories(cfg, "/nonexistent/hostd", log), st, ev, jm, log)
+		vms.SetMemory(deps.Protection)
+		deps.Swap = swap.NewManager(ctx, cfg, fake, vms, st, ev, log)
+	}
+	srv, err := api.New(deps, o.group)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,6 +108,9 @@ func start(t *testing.T) *env {
 	t.Cleanup(func() {
 		cancel()
 		srv.Shutdown(context.Background())
+		if deps.Swap != nil {
+			deps.Swap.Close()
+		}
 		jm.Wait(context.Background())
 		vms.Wait()
 		st.Close()
