@@ -53,7 +53,7 @@ type envOpts struct {
 	dir       string
 }
 
-func startWith(t *testing.T, o envOpts) *env {
+func startWith(t testing.TB, o envOpts) *env {
 	t.Helper()
 	dir := o.dir
 	if dir == "" {

@@ -138,7 +138,7 @@ func malformedRequests() []badRequest {
 }
 
 // tree lists the files and directories under root, but for those in skip.
-func tree(t *testing.T, root string, skip ...string) []string {
+func tree(t testing.TB, root string, skip ...string) []string {
 	t.Helper()
 	var out []string
 	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
@@ -158,7 +158,7 @@ func tree(t *testing.T, root string, skip ...string) []string {
 }
 
 // errorCodes are the codes openapi.yaml documents.
-func errorCodes(t *testing.T) []string {
+func errorCodes(t testing.TB) []string {
 	t.Helper()
 	var doc struct {
 		Components struct {
@@ -288,7 +288,7 @@ type rawResponse struct {
 
 // rawRequest sends a request with its path exactly as given (escapes and
 // all), which client.Do would not.
-func rawRequest(t *testing.T, ctx context.Context, sock, method, path string, body io.Reader) rawResponse {
+func rawRequest(t testing.TB, ctx context.Context, sock, method, path string, body io.Reader) rawResponse {
 	t.Helper()
 	req, err := http.NewRequestWithContext(ctx, method, "http://hostd/", body)
 	if err != nil {
