@@ -218,6 +218,11 @@ func TestProtectionBadInputs(t *testing.T) {
 	if _, err := c.CreateVM(ctx, vm.Request{Name: plain, MemoryMiB: 64, Start: ptr(false)}); err != nil {
 		t.Fatal(err)
 	}
+	// Served memory, never started: nothing to protect yet (409 not_running).
+	off := prefix + "offp"
+	if _, err := c.CreateVM(ctx, vm.Request{Name: off, MemoryMiB: 64, Start: ptr(false), ServedMemory: true}); err != nil {
+		t.Fatal(err)
+	}
 	name := prefix + "badp"
 	servedVM(t, ctx, d, name, 128)
 	good := protect.Request{Backup: bk.Addr, Bound: &config.Duration{Duration: 5 * time.Second}}
@@ -229,6 +234,9 @@ func TestProtectionBadInputs(t *testing.T) {
 	}{
 		{"unknown VM", prefix + "nosuch", good, http.StatusNotFound},
 		{"plain memory", plain, good, http.StatusBadRequest},
+		{"never started", off, good, http.StatusConflict},
+		{"zero bound", name, protect.Request{Backup: bk.Addr, Bound: &config.Duration{}}, http.StatusBadRequest},
+		{"backup port out of range", name, protect.Request{Backup: bk.HostIP + ":99999"}, http.StatusBadRequest},
 		{"no backup", name, protect.Request{}, http.StatusBadRequest},
 		{"backup not host:port", name, protect.Request{Backup: "nowhere"}, http.StatusBadRequest},
 		{"negative bound", name, protect.Request{Backup: bk.Addr, Bound: &config.Duration{Duration: -time.Second}}, http.StatusBadRequest},
