@@ -106,8 +106,6 @@ type Manager struct {
 	sent   map[string]sample             // bytes sent at the last rebalance
 	wg     sync.WaitGroup
 	slots  *slots
-	// restoring holds the names that restore jobs are bringing back.
-	restoring map[string]bool
 }
 
 // NewManager returns a manager; call Resume to re-attach existing
@@ -117,7 +115,7 @@ func NewManager(ctx context.Context, cfg config.Config, hv xen.Hypervisor, vms *
 		cfg: cfg, hv: hv, vms: vms, mem: mem, st: st, ev: ev, jobs: jm, log: log.With("component", "protect"), ctx: ctx,
 		locks: map[string]*sync.Mutex{}, epochs: map[string]context.CancelFunc{},
 		shares: map[string]float64{}, pauses: map[string]time.Duration{}, sent: map[string]sample{},
-		slots: newSlots(cfg, vms, mem, log), restoring: map[string]bool{},
+		slots: newSlots(cfg, vms, mem, log),
 	}
 }
 

@@ -103,8 +103,9 @@ func (r RestoreRequest) Validate() error {
 }
 
 // Restore brings a VM back from a backup's restore point as a job. The
-// name is reserved for the job's lifetime: a second restore to the same
-// name is refused, so that a failing restore cleans up only what it made.
+// name is reserved for the job's lifetime (vm.Manager.Reserve): a create or
+// a second restore to the same name is refused, so that a failing restore
+// cleans up only what it made.
 func (m *Manager) Restore(ctx context.Context, req RestoreRequest) (jobs.Job, error) {
 	if err := req.Validate(); err != nil {
 		return jobs.Job{}, fmt.Errorf("restore VM: %w", err)
@@ -122,42 +123,23 @@ func (m *Manager) Restore(ctx context.Context, req RestoreRequest) (jobs.Job, er
 	if !m.cfg.Checkpoint.TLS.Set() {
 		return jobs.Job{}, fmt.Errorf("%s: %w: set [checkpoint] tls (ca, cert, key) in the configuration", op, ErrNotConfigured)
 	}
-	if _, err := m.vms.Get(ctx, req.Name); err == nil {
-		return jobs.Job{}, fmt.Errorf("%s: %w (name it otherwise with \"name\")", op, vm.ErrExists)
-	}
 	if _, err := m.hv.Domain(ctx, req.Name); err == nil {
 		return jobs.Job{}, fmt.Errorf("%s: %w: a domain of that name exists in the hypervisor but not in hostd (name it otherwise with \"name\")", op, vm.ErrExists)
 	} else if !errors.Is(err, xen.ErrNotFound) {
 		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
 	}
-	if !m.reserve(req.Name) {
-		return jobs.Job{}, fmt.Errorf("%s: %w: a restore to that name is running (GET /v1/jobs)", op, vm.ErrExists)
+	release, err := m.vms.Reserve(req.Name)
+	if err != nil {
+		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
 	}
 	j, err := m.jobs.Start(m.ctx, "restore", req.Name, func(ctx context.Context, p *jobs.Progress) (any, error) {
-		defer m.unreserve(req.Name)
+		defer release()
 		return m.restore(ctx, req, p)
 	})
 	if err != nil {
-		m.unreserve(req.Name)
+		release()
 	}
 	return j, err
-}
-
-// reserve claims a name for a restore; false if one already runs for it.
-func (m *Manager) reserve(name string) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.restoring[name] {
-		return false
-	}
-	m.restoring[name] = true
-	return true
-}
-
-func (m *Manager) unreserve(name string) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	delete(m.restoring, name)
 }
 
 // backupError says what a failure to read from a backup was: the backup's

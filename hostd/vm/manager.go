@@ -15,6 +15,7 @@ import (
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/store"
+	"hostd/hostd/valid"
 	"hostd/images/guest/agentclient"
 	"hostd/xen"
 )
@@ -35,6 +36,10 @@ type Manager struct {
 	// name cannot both create it, and a watcher cannot overwrite a delete.
 	mu       sync.Mutex
 	watchers map[string]context.CancelFunc
+	// reserved names are being restored: no create may take them while
+	// the restore that holds one has files, a memory server or a domain
+	// under it that its failure would remove.
+	reserved map[string]bool
 	wg       sync.WaitGroup
 	// nicMTU is given to NICs that ask for none: the connectors' inner MTU,
 	// so a guest's eth0 fits the VXLAN link (0: the hypervisor's default).
@@ -62,7 +67,8 @@ func (m *Manager) SetMemory(mem Memory) { m.mem = mem }
 
 // NewManager returns a manager; call Reconcile before serving requests.
 func NewManager(ctx context.Context, cfg config.Config, hv xen.Hypervisor, st *store.Store, ev *events.Broker, jm *jobs.Manager, log *slog.Logger) *Manager {
-	return &Manager{cfg: cfg, hv: hv, st: st, ev: ev, jobs: jm, log: log, ctx: ctx, watchers: make(map[string]context.CancelFunc)}
+	return &Manager{cfg: cfg, hv: hv, st: st, ev: ev, jobs: jm, log: log, ctx: ctx, watchers: make(map[string]context.CancelFunc),
+		reserved: make(map[string]bool)}
 }
 
 // Create validates req, defines and (unless req.Start is false) starts the
@@ -81,6 +87,9 @@ func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
 	defer m.mu.Unlock()
 	if _, err := m.record(req.Name); err == nil {
 		return VM{}, fmt.Errorf("create VM %q: %w (delete it first or choose another name)", req.Name, ErrExists)
+	}
+	if m.reserved[req.Name] {
+		return VM{}, fmt.Errorf("create VM %q: %w: a restore to that name is running (GET /v1/jobs)", req.Name, ErrExists)
 	}
 	if _, err := m.hv.Domain(ctx, req.Name); err == nil {
 		return VM{}, fmt.Errorf("create VM %q: %w: a domain of that name exists in the hypervisor but not in hostd", req.Name, ErrExists)
@@ -138,6 +147,29 @@ func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
 		}
 	}
 	return m.join(ctx, rec)
+}
+
+// Reserve claims name for a restore until release is called: neither a
+// create nor another restore can take it meanwhile. It fails if a VM or
+// another reservation has the name.
+func (m *Manager) Reserve(name string) (release func(), err error) {
+	if err := valid.VMName(name); err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, err := m.record(name); err == nil {
+		return nil, fmt.Errorf("%w (name it otherwise)", ErrExists)
+	}
+	if m.reserved[name] {
+		return nil, fmt.Errorf("%w: a restore to that name is running (GET /v1/jobs)", ErrExists)
+	}
+	m.reserved[name] = true
+	return func() {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		delete(m.reserved, name)
+	}, nil
 }
 
 func (m *Manager) applyDefaults(r *Request) {

@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/store"
+	"hostd/hostd/valid"
 	"hostd/xen"
 	"hostd/xen/xentest"
 )
@@ -24,28 +26,7 @@ import (
 // domain; the resume drops the incoming flag; deleting the VM removes the
 // slot's domain.
 func TestSlotLifecycle(t *testing.T) {
-	dir := t.TempDir()
-	cfg := config.Default()
-	cfg.StateDir, cfg.RunDir = filepath.Join(dir, "state"), filepath.Join(dir, "run")
-	cfg.Guest.Kernel, cfg.Guest.Initrd = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd")
-	for _, f := range []string{cfg.Guest.Kernel, cfg.Guest.Initrd} {
-		if err := os.WriteFile(f, []byte("x"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	st, err := store.Open(dir, time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	ev := events.NewBroker()
-	jm, _ := jobs.NewManager(st, ev, log)
-	hv := xentest.New()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer func() { cancel(); jm.Wait(context.Background()) }()
-	m := NewManager(ctx, cfg, hv, st, ev, jm, log)
-
+	m, cfg, hv, ctx := newTestManager(t)
 	const slot = SlotPrefix + "256m.1c.test"
 	spec, err := m.SlotSpec(slot, 256, 1, filepath.Join(vmDir(t, cfg, slot), "mem", "ram"))
 	if err != nil {
@@ -129,4 +110,59 @@ func vmDir(t *testing.T, cfg config.Config, domain string) string {
 		t.Fatal(err)
 	}
 	return dir
+}
+
+// newTestManager is a manager over an in-memory hypervisor, with a guest
+// image that exists.
+func newTestManager(t *testing.T) (*Manager, config.Config, *xentest.Fake, context.Context) {
+	t.Helper()
+	dir := t.TempDir()
+	cfg := config.Default()
+	cfg.StateDir, cfg.RunDir = filepath.Join(dir, "state"), filepath.Join(dir, "run")
+	cfg.Guest.Kernel, cfg.Guest.Initrd = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd")
+	for _, f := range []string{cfg.Guest.Kernel, cfg.Guest.Initrd} {
+		if err := os.WriteFile(f, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, err := store.Open(dir, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ev := events.NewBroker()
+	jm, _ := jobs.NewManager(st, ev, log)
+	hv := xentest.New()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(func() { cancel(); jm.Wait(context.Background()) })
+	m := NewManager(ctx, cfg, hv, st, ev, jm, log)
+
+	return m, cfg, hv, ctx
+}
+
+// A name being restored is the restore's: a create or a second restore of
+// it is refused until the restore releases it.
+func TestReservedNamesCannotBeCreated(t *testing.T) {
+	m, _, _, ctx := newTestManager(t)
+	release, err := m.Reserve("db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Create(ctx, Request{Name: "db", Start: new(bool)}); !errors.Is(err, ErrExists) {
+		t.Fatalf("create of a reserved name: %v, want ErrExists", err)
+	}
+	if _, err := m.Reserve("db"); !errors.Is(err, ErrExists) {
+		t.Fatalf("second reservation: %v, want ErrExists", err)
+	}
+	if _, err := m.Reserve("../db"); !errors.Is(err, valid.ErrName) {
+		t.Fatalf("reservation of a bad name: %v", err)
+	}
+	release()
+	if _, err := m.Create(ctx, Request{Name: "db", Start: new(bool)}); err != nil {
+		t.Fatalf("create after the release: %v", err)
+	}
+	if _, err := m.Reserve("db"); !errors.Is(err, ErrExists) {
+		t.Fatalf("reservation of an existing VM's name: %v, want ErrExists", err)
+	}
 }
