@@ -23,6 +23,15 @@ var (
 	ErrState = errdefs.New(errdefs.ErrConflict, "invalid_state", "operation not valid in domain state")
 )
 
+// SpecChecker is an optional ability of a driver: checking what a request
+// asks of a domain (shape, boot source, disks, NICs) before hostd creates
+// anything for it, with the errors Define would give. The files hostd
+// places itself (RAM, serial log, agent socket) are not checked: their
+// directories are made after the check.
+type SpecChecker interface {
+	CheckSpec(spec DomainSpec) error
+}
+
 // Hypervisor is the second-layer hypervisor as hostd uses it. Every method
 // is safe for concurrent use. Domains are named; names are unique per host.
 type Hypervisor interface {

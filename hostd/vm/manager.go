@@ -101,6 +101,13 @@ func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
 	if err != nil {
 		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
 	}
+	// The driver's own checks (disks, NICs, ...) before any directory,
+	// memory server or domain exists, where the driver can make them.
+	if c, ok := m.hv.(xen.SpecChecker); ok {
+		if err := c.CheckSpec(spec); err != nil {
+			return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
+		}
+	}
 	if err := m.makeVMDirs(spec); err != nil {
 		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
 	}

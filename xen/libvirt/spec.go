@@ -39,7 +39,14 @@ var (
 // validateSpec checks everything libvirt or QEMU would otherwise reject late
 // (or worse, accept and misbehave on), and reports all problems at once.
 // The returned error wraps xen.ErrInvalidSpec.
-func validateSpec(s xen.DomainSpec, lim limits) error {
+func validateSpec(s xen.DomainSpec, lim limits) error { return checkSpec(s, lim, true) }
+
+// CheckSpec implements xen.SpecChecker: what the user asked for (shape,
+// boot source, disks, NICs), without the files hostd places (RAM, serial
+// log, agent socket), whose directories do not exist yet.
+func (d *Driver) CheckSpec(s xen.DomainSpec) error { return checkSpec(s, d.lim, false) }
+
+func checkSpec(s xen.DomainSpec, lim limits, files bool) error {
 	var p []string
 	bad := func(format string, a ...any) { p = append(p, fmt.Sprintf(format, a...)) }
 
@@ -122,9 +129,11 @@ func validateSpec(s xen.DomainSpec, lim limits) error {
 		}
 	}
 
-	if s.RAMPath == "" {
+	switch {
+	case !files:
+	case s.RAMPath == "":
 		bad("ram_path is empty: guest RAM must be backed by a file hostd chooses")
-	} else if checkAbsParent(bad, "ram_path", s.RAMPath) {
+	case checkAbsParent(bad, "ram_path", s.RAMPath):
 		if fi, err := os.Stat(s.RAMPath); err == nil {
 			if !fi.Mode().IsRegular() {
 				bad("ram_path %q exists and is not a regular file", s.RAMPath)
@@ -133,10 +142,10 @@ func validateSpec(s xen.DomainSpec, lim limits) error {
 			}
 		}
 	}
-	if s.SerialLog != "" {
+	if files && s.SerialLog != "" {
 		checkAbsParent(bad, "serial_log", s.SerialLog)
 	}
-	if s.AgentSocket != "" {
+	if files && s.AgentSocket != "" {
 		checkSocket(bad, "agent_socket", s.AgentSocket)
 	}
 

@@ -174,3 +174,24 @@ func TestDiskTarget(t *testing.T) {
 		}
 	}
 }
+
+// CheckSpec, which hostd calls before it makes a VM's directories, judges
+// what was asked for and not the files hostd has yet to place.
+func TestCheckSpecBeforeTheFilesExist(t *testing.T) {
+	s, dir := specFixture(t)
+	d := &Driver{lim: testLimits}
+	gone := filepath.Join(dir, "not-yet")
+	s.RAMPath, s.SerialLog, s.AgentSocket = filepath.Join(gone, "ram"), filepath.Join(gone, "serial.log"), filepath.Join(gone, "a.sock")
+	if err := d.CheckSpec(s); err != nil {
+		t.Fatalf("a good request refused for files hostd has not placed: %v", err)
+	}
+	if err := validateSpec(s, testLimits); err == nil {
+		t.Fatal("Define's validation accepted missing directories")
+	}
+	s.NICs = []xen.NIC{{Tap: "vnet0"}}
+	s.Disks = []xen.Disk{{Path: "relative.raw"}}
+	err := d.CheckSpec(s)
+	if !errors.Is(err, xen.ErrInvalidSpec) || !strings.Contains(err.Error(), "vnet") || !strings.Contains(err.Error(), "absolute") {
+		t.Fatalf("bad NIC and disk: %v", err)
+	}
+}
