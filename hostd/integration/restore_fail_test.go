@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -145,13 +146,23 @@ func TestRestoreBackupKilledMidway(t *testing.T) {
 	// half a minute, so the restore is still lazy when the backup dies.
 	req := protect.RestoreRequest{Backup: bk.Addr, ID: src, Name: name, Epoch: epoch, PrefetchRate: 2 << 20}
 
+	// With the backup down the restore point cannot be read: the request
+	// is refused at once (no job) with the cause's code.
 	bk.Kill9()
-	j := restoreFails(t, ctx, c, req)
-	if !strings.Contains(j.Error, "backup") {
-		t.Fatalf("the error does not say the backup is the problem: %s", j.Error)
+	if j, err := c.Restore(ctx, req); err == nil {
+		t.Fatalf("a restore from a dead backup was accepted: %+v", j)
+	} else if ce, ok := err.(*client.Error); !ok || ce.Status != http.StatusBadGateway || ce.Code != "backup_unavailable" {
+		t.Fatalf("restore from a dead backup: %v, want 502 backup_unavailable", err)
 	}
 	checkNothingLeft(t, ctx, d, name)
+	// A restore point the backup does not hold: 404 at once.
 	bk.Restart()
+	missing := req
+	missing.ID, missing.Name = prefix+"nosuch", prefix+"nosuch"
+	if _, err := c.Restore(ctx, missing); !client.IsStatus(err, http.StatusNotFound) || !strings.Contains(err.Error(), "restore_point_not_found") {
+		t.Fatalf("restore of an id the backup lacks: %v, want 404 restore_point_not_found", err)
+	}
+	checkNothingLeft(t, ctx, d, missing.Name)
 
 	j, err := c.Restore(ctx, req)
 	if err != nil {

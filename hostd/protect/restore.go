@@ -107,6 +107,7 @@ func (r RestoreRequest) Validate() error {
 // a second restore to the same name is refused, so that a failing restore
 // cleans up only what it made.
 func (m *Manager) Restore(ctx context.Context, req RestoreRequest) (jobs.Job, error) {
+	t0 := time.Now()
 	if err := req.Validate(); err != nil {
 		return jobs.Job{}, fmt.Errorf("restore VM: %w", err)
 	}
@@ -132,14 +133,68 @@ func (m *Manager) Restore(ctx context.Context, req RestoreRequest) (jobs.Job, er
 	if err != nil {
 		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
 	}
+	// The restore point is read before the job: a restore of what the
+	// backup does not hold, or from a backup that cannot be reached, is
+	// refused at once with the cause's code rather than becoming a job
+	// that fails. Its time counts in the job's report (t0).
+	pctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	pr, err := m.probe(pctx, req)
+	cancel()
+	if err != nil {
+		release()
+		return jobs.Job{}, fmt.Errorf("%s from %s: %w", op, req.Backup, err)
+	}
 	j, err := m.jobs.Start(m.ctx, "restore", req.Name, func(ctx context.Context, p *jobs.Progress) (any, error) {
 		defer release()
-		return m.restore(ctx, req, p)
+		return m.restore(ctx, req, pr, t0, p)
 	})
 	if err != nil {
 		release()
 	}
 	return j, err
+}
+
+// probeTimeout bounds the restore point's reading in the request.
+const probeTimeout = 30 * time.Second
+
+// probed is what a restore knows of its restore point before it starts.
+type probed struct {
+	info     backupclient.RestoreInfo
+	saved    Saved
+	qstate   []byte
+	blobLen  int
+	start    time.Time
+	duration time.Duration
+}
+
+// probe reads the restore point's size, epoch and device state: the memory
+// server serves exactly that epoch (a later commit must not change what is
+// restored), and the saved spec decides whether a warm slot fits.
+func (m *Manager) probe(ctx context.Context, req RestoreRequest) (probed, error) {
+	pr := probed{start: time.Now()}
+	files := m.tlsFiles(req.Backup)
+	tc, err := pki.ClientConfig(files.CA, files.Cert, files.Key, files.ServerName)
+	if err != nil {
+		return pr, err
+	}
+	rc, err := backupclient.DialRestore(ctx, backupclient.RestoreConfig{Addr: req.Backup, TLS: tc, VMID: req.ID, Epoch: req.Epoch, Logger: m.log})
+	if err != nil {
+		return pr, backupError(err)
+	}
+	pr.info = rc.Info()
+	blob, err := rc.FetchState(ctx)
+	rc.Close()
+	if err != nil {
+		return pr, backupError(err)
+	}
+	if pr.saved, pr.qstate, err = DecodeState(blob); err != nil {
+		return pr, err
+	}
+	if int64(pr.saved.Spec.MemoryMiB)<<20 != pr.info.ImageSize {
+		return pr, fmt.Errorf("%w: the saved VM has %d MiB, the image %d bytes", ErrBadState, pr.saved.Spec.MemoryMiB, pr.info.ImageSize)
+	}
+	pr.blobLen, pr.duration = len(blob), time.Since(pr.start)
+	return pr, nil
 }
 
 // backupError says what a failure to read from a backup was: the backup's
@@ -165,44 +220,19 @@ func backupError(err error) error {
 	}
 }
 
-func (m *Manager) restore(ctx context.Context, req RestoreRequest, p *jobs.Progress) (rep RestoreReport, err error) {
+func (m *Manager) restore(ctx context.Context, req RestoreRequest, pr probed, t0 time.Time, p *jobs.Progress) (rep RestoreReport, err error) {
 	name := req.Name
 	op := fmt.Sprintf("restore VM %q from %s", name, req.Backup)
 	rep = RestoreReport{VM: name, Backup: req.Backup, ID: req.ID, Mode: req.Mode}
-	t0 := time.Now()
 	phase := func(n string, start time.Time, bytes int64) {
 		rep.Phases = append(rep.Phases, Phase{Name: n, StartMS: ms(start.Sub(t0)), DurationMS: ms(time.Since(start)), Bytes: bytes})
 	}
 
-	// The restore point's size, epoch and device state: the memory server
-	// serves exactly that epoch (a later commit must not change what is
-	// restored), and the saved spec decides whether a warm slot fits.
-	p.Set(0.05, "probe")
-	s := time.Now()
+	info, saved, qstate := pr.info, pr.saved, pr.qstate
 	files := m.tlsFiles(req.Backup)
-	tc, err := pki.ClientConfig(files.CA, files.Cert, files.Key, files.ServerName)
-	if err != nil {
-		return rep, fmt.Errorf("%s: %w", op, err)
-	}
-	rc, err := backupclient.DialRestore(ctx, backupclient.RestoreConfig{Addr: req.Backup, TLS: tc, VMID: req.ID, Epoch: req.Epoch, Logger: m.log})
-	if err != nil {
-		return rep, fmt.Errorf("%s: %w", op, backupError(err))
-	}
-	info := rc.Info()
-	blob, err := rc.FetchState(ctx)
-	rc.Close()
-	if err != nil {
-		return rep, fmt.Errorf("%s: %w", op, backupError(err))
-	}
 	rep.Epoch = info.Epoch
-	saved, qstate, err := DecodeState(blob)
-	if err != nil {
-		return rep, fmt.Errorf("%s: %w", op, err)
-	}
-	if int64(saved.Spec.MemoryMiB)<<20 != info.ImageSize {
-		return rep, fmt.Errorf("%s: %w: the saved VM has %d MiB, the image %d bytes", op, ErrBadState, saved.Spec.MemoryMiB, info.ImageSize)
-	}
-	phase("probe", s, int64(len(blob)))
+	rep.Phases = append(rep.Phases, Phase{Name: "probe", StartMS: ms(pr.start.Sub(t0)), DurationMS: ms(pr.duration), Bytes: int64(pr.blobLen)})
+	var s time.Time
 
 	mr := memserver.Restore{Backup: req.Backup, ID: req.ID, TLS: files, Epoch: info.Epoch, Mode: req.Mode,
 		PrefetchRate: req.PrefetchRate, DeferPrefetch: req.Mode == "lazy"}
