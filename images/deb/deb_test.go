@@ -222,21 +222,7 @@ func TestInstallIntoFreshRoot(t *testing.T) {
 	}
 
 	// postinst: sysusers, tmpfiles and the enablement, inside the root.
-	gid := groupID(t, filepath.Join(root, "etc/group"), "hostd")
-	for _, d := range []string{"var/lib/hostd", "run/hostd"} {
-		fi, err := os.Stat(filepath.Join(root, d))
-		if err != nil {
-			t.Errorf("postinst did not create /%s: %v", d, err)
-			continue
-		}
-		st, _ := fi.Sys().(*syscall.Stat_t)
-		if !fi.IsDir() || fi.Mode().Perm() != 0o750 || st == nil || st.Uid != 0 || int(st.Gid) != gid {
-			t.Errorf("postinst: /%s is %v (uid/gid %v), want a 0750 directory of root:hostd (gid %d in the root)", d, fi.Mode(), st, gid)
-		}
-	}
-	if _, err := os.Lstat(filepath.Join(root, "etc/systemd/system/multi-user.target.wants/hostd.service")); err != nil {
-		t.Errorf("postinst did not enable hostd.service in the root: %v", err)
-	}
+	checkConfigured(t, root)
 
 	bin := filepath.Join(root, "usr/bin")
 	for _, args := range [][]string{{"hostd", "-version"}, {"hostctl", "--version"}, {"hostctl", "version"}} {
@@ -271,6 +257,29 @@ func TestInstallIntoFreshRoot(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(root, "var/lib/hostd")); err != nil {
 		t.Errorf("a purge must keep /var/lib/hostd (guests' state): %v", err)
+	}
+}
+
+// checkConfigured checks what postinst configure leaves in root: the
+// hostd group, /var/lib/hostd and /run/hostd as 0750 root:hostd
+// directories (the group's ID as root's /etc/group has it), and
+// hostd.service enabled.
+func checkConfigured(t *testing.T, root string) {
+	t.Helper()
+	gid := groupID(t, filepath.Join(root, "etc/group"), "hostd")
+	for _, d := range []string{"var/lib/hostd", "run/hostd"} {
+		fi, err := os.Stat(filepath.Join(root, d))
+		if err != nil {
+			t.Errorf("postinst did not create /%s: %v", d, err)
+			continue
+		}
+		st, _ := fi.Sys().(*syscall.Stat_t)
+		if !fi.IsDir() || fi.Mode().Perm() != 0o750 || st == nil || st.Uid != 0 || int(st.Gid) != gid {
+			t.Errorf("postinst: /%s is %v (uid/gid %v), want a 0750 directory of root:hostd (gid %d in the root)", d, fi.Mode(), st, gid)
+		}
+	}
+	if _, err := os.Lstat(filepath.Join(root, "etc/systemd/system/multi-user.target.wants/hostd.service")); err != nil {
+		t.Errorf("postinst did not enable hostd.service in the root: %v", err)
 	}
 }
 
@@ -326,4 +335,38 @@ func startInstalled(t *testing.T, bin, root string, shipped config.Config, versi
 		t.Errorf("installed hostd's host info is empty: %+v", h)
 	}
 	t.Logf("installed hostd %s serves on %s (hypervisor %s, accel %s)", h.Version, d.Config.API.Socket, h.Hypervisor, h.Accel)
+}
+
+// The package's postinst does without systemd-sysusers and
+// systemd-tmpfiles (a minimal chroot or image root): it creates the group
+// and hostd's directories itself, with the group ID of the root it installs
+// into, and still enables the unit there. It runs as dpkg runs it with
+// --force-script-chrootless, on a PATH without systemd's tools.
+func TestPostinstWithoutSystemdTools(t *testing.T) {
+	deb, _ := theDeb(t)
+	control := t.TempDir()
+	run(t, "dpkg-deb", "-e", deb, control)
+	root, path := t.TempDir(), t.TempDir()
+	run(t, "dpkg-deb", "-x", deb, root) // as dpkg unpacks before it configures
+	// The root's own group file: a postinst that resolved "hostd" on this
+	// machine rather than in the root would give the directories a wrong
+	// group (or none), which checkConfigured sees.
+	if err := os.WriteFile(filepath.Join(root, "etc/group"), []byte("root:x:0:\nother:x:998:\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tool := range []string{"sh", "awk", "grep", "groupadd", "install", "deb-systemd-helper"} {
+		p, err := exec.LookPath(tool)
+		if err != nil {
+			t.Skipf("%s not installed (it is part of every Debian system): %v", tool, err)
+		}
+		if err := os.Symlink(p, filepath.Join(path, tool)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.Command(filepath.Join(path, "sh"), filepath.Join(control, "postinst"), "configure", "")
+	cmd.Env = []string{"PATH=" + path, "DPKG_ROOT=" + root, "DPKG_MAINTSCRIPT_PACKAGE=hostd", "DPKG_MAINTSCRIPT_NAME=postinst"}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("postinst configure without systemd's tools: %v\n%s", err, out)
+	}
+	checkConfigured(t, root)
 }
