@@ -17,6 +17,19 @@ stage=$(mktemp -d)
 chmod 0755 "$stage" # the package's ./ (mktemp makes it 0700)
 trap 'rm -rf "$stage"' EXIT
 bash "$here/install.sh" "$stage" /usr "$bin" "$guest" >/dev/null
+# As Debian's packages are: binaries without their symbol tables (stack
+# traces keep their function names and lines: Go's pclntab stays).
+if command -v strip >/dev/null; then
+	strip --strip-unneeded "$stage/usr/bin/hostd" "$stage/usr/bin/hostctl"
+fi
+# A native package's changelog: this build's one entry. The changelog is
+# the package's, not an installed file of files.list.
+root=$(cd "$here/../.." && pwd)
+maintainer="hostd developers <hostd@localhost>"
+commit=$(git -C "$root" log -1 --format='%H' 2>/dev/null || echo unknown)
+date=$(git -C "$root" log -1 --format='%aD' 2>/dev/null || date -R)
+printf 'hostd (%s) unstable; urgency=medium\n\n  * Built from commit %s.\n\n -- %s  %s\n' \
+	"$version" "$commit" "$maintainer" "$date" | gzip -9n >"$stage/usr/share/doc/hostd/changelog.gz"
 
 # hostd links libvirt (cgo) and glibc: depend on at least the versions it
 # was built against.
@@ -34,7 +47,7 @@ cat >"$stage/DEBIAN/control" <<CONTROL
 Package: hostd
 Version: $version
 Architecture: $arch
-Maintainer: hostd developers <hostd@localhost>
+Maintainer: $maintainer
 Installed-Size: $size
 Depends: $depends
 Section: admin

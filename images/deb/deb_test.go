@@ -160,9 +160,10 @@ func TestControlFields(t *testing.T) {
 }
 
 // The package holds exactly the files of files.list, with their modes,
-// owned by root: the list `make install` uses is the package's.
+// owned by root (the list `make install` uses is the package's), and its
+// changelog.
 func TestContentsAreTheFileList(t *testing.T) {
-	deb, _ := theDeb(t)
+	deb, version := theDeb(t)
 	type entry struct{ perm, owner string }
 	have := map[string]entry{}
 	for _, line := range strings.Split(run(t, "dpkg-deb", "-c", deb), "\n") {
@@ -185,6 +186,14 @@ func TestContentsAreTheFileList(t *testing.T) {
 		}
 		delete(have, l.dst)
 	}
+	// The one file of the package's own: its changelog, which names it.
+	const changelog = "/usr/share/doc/hostd/changelog.gz"
+	if _, ok := have[changelog]; !ok {
+		t.Errorf("the package has no %s", changelog)
+	} else if text := run(t, "sh", "-c", "dpkg-deb --fsys-tarfile '"+deb+"' | tar -xOf - ."+changelog+" | gzip -dc"); !strings.HasPrefix(text, "hostd ("+version+") ") {
+		t.Errorf("%s does not start with this version's entry:\n%s", changelog, text)
+	}
+	delete(have, changelog)
 	for p := range have {
 		t.Errorf("%s is in the package but not in files.list", p)
 	}
