@@ -204,8 +204,9 @@ func TestContentsAreTheFileList(t *testing.T) {
 // group, hostd's directories and the unit's enablement are there, the
 // installed binaries print the package's version, the installed hostd
 // serves its socket with the shipped configuration (only its state and
-// socket paths moved) and the packaged test guest, and a purge removes
-// what the package brought but keeps hostd's state.
+// socket paths moved), the installed hostctl boots a VM of the packaged
+// test guest through it to its guest agent, and a purge removes what the
+// package brought but keeps hostd's state.
 func TestInstallIntoFreshRoot(t *testing.T) {
 	deb, version := theDeb(t)
 	need(t, "dpkg")
@@ -315,8 +316,8 @@ func groupID(t *testing.T, file, name string) int {
 
 // startInstalled starts the installed hostd with the shipped configuration,
 // its state and socket moved to scratch paths and its guest the packaged
-// one inside root, and checks that its socket answers GET /v1/host with
-// the package's version.
+// one inside root, checks that its socket answers GET /v1/host with the
+// package's version, and boots a VM with the installed hostctl.
 func startInstalled(t *testing.T, bin, root string, shipped config.Config, version string) {
 	t.Helper()
 	if _, err := hostdtest.Virsh("version"); err != nil {
@@ -344,6 +345,29 @@ func startInstalled(t *testing.T, bin, root string, shipped config.Config, versi
 		t.Errorf("installed hostd's host info is empty: %+v", h)
 	}
 	t.Logf("installed hostd %s serves on %s (hypervisor %s, accel %s)", h.Version, d.Config.API.Socket, h.Hypervisor, h.Accel)
+
+	// The README's quick start with the installed hostctl: a VM on the
+	// configuration's default guest (the packaged one) boots to its agent.
+	const name = "debpkg-boot"
+	t.Cleanup(func() { hostdtest.CleanupDomains(t, "debpkg-") })
+	hostctl := func(args ...string) string {
+		t.Helper()
+		cmd := exec.Command(filepath.Join(bin, "hostctl"), append([]string{"-socket", d.Config.API.Socket}, args...)...)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("installed hostctl %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+	hostctl("vm", "create", name, "-memory", "128")
+	hostctl("vm", "wait-ready", name, "-timeout", "3m")
+	got := hostctl("-json", "vm", "get", name)
+	if !strings.Contains(got, filepath.Join(root, shipped.Guest.Kernel)) {
+		t.Errorf("the VM did not boot the packaged guest %s:\n%s", shipped.Guest.Kernel, got)
+	}
+	t.Logf("VM %s of the packaged guest ready: %s", name, got)
+	hostctl("vm", "destroy", name)
+	hostctl("vm", "delete", name)
 }
 
 // The package's postinst does without systemd-sysusers and
