@@ -70,9 +70,18 @@ func run(t *testing.T, name string, args ...string) string {
 
 var (
 	buildOnce      sync.Once
+	buildDir       string // removed after the tests
 	builtDeb, vers string
 	buildErr       string
 )
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
+	}
+	os.Exit(code)
+}
 
 // theDeb is the package under test and the version it must carry: the one
 // $HOSTD_DEB names, or one built here as `make deb` does (binaries stamped
@@ -94,6 +103,7 @@ func theDeb(t *testing.T) (deb, version string) {
 			buildErr = err.Error()
 			return
 		}
+		buildDir = dir
 		out, err := exec.Command("bash", "version.sh").Output()
 		if err != nil {
 			buildErr = "version.sh: " + err.Error()
