@@ -9,8 +9,17 @@ BUILD := $(CURDIR)/build
 BIN := $(BUILD)/bin
 export GOFLAGS := -mod=mod -buildvcs=false
 export PATH := /usr/local/go/bin:$(PATH)
+# Stamped into hostd and hostctl (-version) and the .deb; from git describe,
+# made a valid Debian version (images/deb/version.sh).
+ifeq ($(origin VERSION),undefined)
+VERSION := $(shell bash images/deb/version.sh)
+endif
+LDFLAGS := -X main.version=$(VERSION)
+# make install: source builds; DESTDIR stages, PREFIX /usr is what the .deb uses.
+PREFIX ?= /usr/local
+DESTDIR ?=
 
-.PHONY: all build test demo bench guest lint provision clean \
+.PHONY: all build test demo bench guest lint provision clean go-check deb install test-deb \
 	bench-platform bench-checkpoint bench-restore bench-dataplane bench-swap pki
 
 all: build
@@ -18,13 +27,31 @@ all: build
 provision:
 	bash images/blanket/provision.sh
 
-build:
+# A missing or too old Go (or no C compiler for cgo) is a message, not a build error.
+go-check:
+	GO=$(GO) bash images/blanket/check-go.sh
+
+build: go-check
 	mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./hostd/cmd/... ./checkpoint/pki/cmd/mkpki
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./hostd/cmd/... ./checkpoint/pki/cmd/mkpki
 
 # The test guest (kernel + initramfs with the guest agent), cached in build/guest.
-guest: provision
+guest: provision go-check
 	bash images/guest/build.sh $(BUILD)/guest
+
+# build/hostd_$(VERSION)_amd64.deb: the files of images/deb/files.list.
+deb: provision guest build
+	bash images/deb/build.sh $(BUILD) $(VERSION) $(BIN) $(BUILD)/guest
+
+# The same files as the .deb, for source builds (no maintainer scripts: run
+# systemd-sysusers, systemd-tmpfiles --create and systemctl daemon-reload after).
+install:
+	bash images/deb/install.sh "$(DESTDIR)" "$(PREFIX)" $(BIN) $(BUILD)/guest
+
+# The package's own test: builds the .deb (or checks $$HOSTD_DEB), installs it
+# into a scratch root and starts the installed hostd against libvirtd.
+test-deb: provision guest
+	$(GO) test -count=1 -v -timeout 15m ./images/deb/
 
 test: provision guest build lint
 	bash .ci/test.sh
@@ -34,7 +61,7 @@ demo: provision guest build
 
 # go vet plus staticcheck, pinned, fetched through the Go module proxy.
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
-lint:
+lint: go-check
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
 

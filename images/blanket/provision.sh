@@ -10,6 +10,9 @@
 set -euo pipefail
 
 PKGS=(
+  # building hostd: cgo for the libvirt driver, git for the version stamp
+  # (Go itself comes from /usr/local/go: images/blanket/check-go.sh)
+  make gcc pkg-config git
   # second-layer hypervisor
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
   # guest image build (images/guest)

@@ -12,6 +12,7 @@
 //	hostctl job list | get ID | wait ID
 //	hostctl events
 //	hostctl metrics
+//	hostctl version | hostctl --version
 package main
 
 import (
@@ -36,6 +37,10 @@ import (
 	"hostd/xen"
 )
 
+// version is set at build time with -ldflags "-X main.version=..." (the
+// Makefile stamps hostd and hostctl with the same one, see images/deb/version.sh).
+var version = "dev"
+
 type cli struct {
 	c    *client.Client
 	json bool
@@ -45,8 +50,13 @@ type cli struct {
 func main() {
 	socket := flag.String("socket", envOr("HOSTD_SOCKET", "/run/hostd/hostd.sock"), "hostd's API socket ($HOSTD_SOCKET)")
 	asJSON := flag.Bool("json", false, "print JSON instead of tables")
+	showVersion := flag.Bool("version", false, "print hostctl's version and exit (hostd's: hostctl host)")
 	flag.Usage = usage
 	flag.Parse()
+	if *showVersion || (flag.NArg() == 1 && flag.Arg(0) == "version") {
+		fmt.Println(version)
+		return
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	app := &cli{c: client.New(*socket), json: *asJSON, out: os.Stdout}
@@ -62,6 +72,7 @@ func main() {
 
 func usage() {
 	fmt.Fprint(os.Stderr, `usage: hostctl [-socket PATH] [-json] COMMAND
+       hostctl --version | version      this hostctl's version (hostd's: hostctl host)
 
   host                                  hypervisor, accelerator, CPU, memory, version
   vm list                               all VMs
