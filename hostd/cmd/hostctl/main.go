@@ -499,14 +499,19 @@ func (a *cli) jobOut(j jobs.Job, err error) error {
 	if err != nil {
 		return err
 	}
+	var err2 error
 	if a.json {
-		return a.printJSON(j)
+		err2 = a.printJSON(j)
+	} else {
+		err2 = a.table(jobHeader, [][]string{jobRow(j)})
 	}
-	if err := a.table(jobHeader, [][]string{jobRow(j)}); err != nil {
-		return err
+	if err2 != nil {
+		return err2
 	}
-	if j.State == jobs.Failed {
-		return fmt.Errorf("job %s failed: %s", j.ID, j.Error)
+	// A failed job fails the command in either format: a script that
+	// asked for JSON still learns from the exit code.
+	if j.State == jobs.Failed || j.State == jobs.Interrupted {
+		return fmt.Errorf("job %s %s (%s): %s", j.ID, j.State, j.Code, j.Error)
 	}
 	return nil
 }
