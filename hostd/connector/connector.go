@@ -59,7 +59,7 @@ const (
 // can exist. Whether a local endpoint's VM and NIC exist is checked later.
 func (s Spec) Validate() error {
 	if s.ID == 0 || s.ID > MaxID {
-		return fmt.Errorf("%w: id %d must be from 1 to %d (a VXLAN VNI)", dataplane.ErrInvalid, s.ID, MaxID)
+		return fmt.Errorf("%w: id %d is out of range: it must be from 1 to %d (a VXLAN VNI)", dataplane.ErrInvalid, s.ID, MaxID)
 	}
 	for _, e := range []struct {
 		name string
