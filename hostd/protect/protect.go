@@ -27,8 +27,6 @@ var (
 	ErrNotServed     = errdefs.New(errdefs.ErrInvalid, "not_served", "VM's memory is not served by hostd")
 	ErrNotConfigured = errdefs.New(errdefs.ErrNotImplemented, "not_configured", "protection is not configured on this host")
 	ErrBackup        = errdefs.New(errdefs.ErrPeer, "backup_unavailable", "backup unavailable")
-	// ErrHasSwap: the VM swaps to a cooperative swap device, whose pages
-	// an evacuation would not carry.
 	// Failures of a backup, told apart so that a job says which it met.
 	ErrRestorePoint   = errdefs.New(errdefs.ErrNotFound, "restore_point_not_found", "no such restore point at the backup")
 	ErrBackupFull     = errdefs.New(errdefs.ErrPeer, "backup_full", "the backup's disk is full")
@@ -37,7 +35,9 @@ var (
 	ErrBackupCorrupt  = errdefs.New(errdefs.ErrPeer, "backup_corrupt", "pages of the restore point are corrupt at the backup")
 	// ErrNotRunning: the operation needs the VM's guest running.
 	ErrNotRunning = errdefs.New(errdefs.ErrConflict, "not_running", "VM is not running")
-	ErrHasSwap    = errdefs.New(errdefs.ErrConflict, "swap_and_protection", "VM has a cooperative swap device")
+	// ErrHasSwap: the VM swaps to a cooperative swap device, whose pages
+	// an evacuation would not carry.
+	ErrHasSwap = errdefs.New(errdefs.ErrConflict, "swap_and_protection", "VM has a cooperative swap device")
 )
 
 // Request is the body of PUT /v1/vms/{name}/protection.
