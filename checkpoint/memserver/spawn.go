@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"hostd/hostd/logging"
 	"io"
 	"log/slog"
 	"os"
@@ -134,7 +135,9 @@ func Main(args []string) int {
 			return 1
 		}
 	}
-	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("component", "memserver")
+	// Under hostd-memserver@.service its stderr is the journal, with
+	// priorities as hostd's own lines.
+	log := logging.New(os.Stderr, logging.Options{Level: level.String(), Journal: logging.UnderJournal(os.Stderr)}).With("component", "memserver")
 	// Its own session has no terminal; a stray SIGHUP must not end it.
 	signal.Ignore(syscall.SIGHUP)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

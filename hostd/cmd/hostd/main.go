@@ -17,6 +17,7 @@ import (
 	"hostd/checkpoint/memserver"
 	"hostd/hostd/config"
 	"hostd/hostd/daemon"
+	"hostd/hostd/logging"
 	"hostd/xen"
 	"hostd/xen/libvirt"
 )
@@ -65,12 +66,8 @@ func main() {
 	}
 }
 
+// newLogger logs to stderr; under systemd (hostd.service) each line carries
+// its syslog priority for the journal.
 func newLogger(c config.Log) *slog.Logger {
-	var level slog.Level
-	_ = level.UnmarshalText([]byte(c.Level))
-	opts := &slog.HandlerOptions{Level: level}
-	if c.Format == "text" {
-		return slog.New(slog.NewTextHandler(os.Stderr, opts))
-	}
-	return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	return logging.New(os.Stderr, logging.Options{Level: c.Level, Format: c.Format, Journal: logging.UnderJournal(os.Stderr)})
 }
