@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"sync"
 	"time"
 
@@ -322,6 +323,11 @@ func (m *Manager) evacuate(ctx context.Context, rec Record, req EvacuateRequest,
 	kind := "vm.evacuated"
 	if epoch {
 		kind = "protection.epoch"
+	}
+	if epoch {
+		m.hist.epochPause.Observe(rep.PauseMS / 1000)
+	} else {
+		m.hist.evacuation.WithLabelValues(strconv.FormatBool(rep.BoundHeld)).Observe(rep.TotalMS / 1000)
 	}
 	m.ev.Publish(events.Event{Type: kind, VM: name, Data: rep})
 	m.log.Info(kind, "vm", name, "epoch", rep.Epoch, "total_ms", rep.TotalMS, "bound_ms", rep.BoundMS, "bound_held", rep.BoundHeld, "pause_ms", rep.PauseMS, "flushed_bytes", syncRep.Bytes)

@@ -106,6 +106,7 @@ type Manager struct {
 	sent   map[string]sample             // bytes sent at the last rebalance
 	wg     sync.WaitGroup
 	slots  *slots
+	hist   histograms
 }
 
 // NewManager returns a manager; call Resume to re-attach existing
@@ -115,7 +116,7 @@ func NewManager(ctx context.Context, cfg config.Config, hv xen.Hypervisor, vms *
 		cfg: cfg, hv: hv, vms: vms, mem: mem, st: st, ev: ev, jobs: jm, log: log.With("component", "protect"), ctx: ctx,
 		locks: map[string]*sync.Mutex{}, epochs: map[string]context.CancelFunc{},
 		shares: map[string]float64{}, pauses: map[string]time.Duration{}, sent: map[string]sample{},
-		slots: newSlots(cfg, vms, mem, log),
+		slots: newSlots(cfg, vms, mem, log), hist: newHistograms(),
 	}
 }
 

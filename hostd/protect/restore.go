@@ -326,6 +326,11 @@ func (m *Manager) restore(ctx context.Context, req RestoreRequest, pr probed, t0
 	resumed = true
 	phase("resume", s, 0)
 	rep.ResumeMS = ms(time.Since(t0))
+	slotKind := "cold"
+	if rep.Slot != "" {
+		slotKind = "warm"
+	}
+	m.hist.resume.WithLabelValues(slotKind).Observe(rep.ResumeMS / 1000)
 	// The prefetch starts now, not with the memory server: before the
 	// resume it would compete with QEMU's start and the state load for
 	// the CPUs, and the guest's own faults say best what it needs first.
