@@ -151,6 +151,9 @@ func (a *cli) run(ctx context.Context, args []string) error {
 	case "events":
 		ch, err := a.c.Events(ctx)
 		if err != nil {
+			if ctx.Err() != nil {
+				return nil // the user stopped it (Ctrl-C) before the stream began
+			}
 			return err
 		}
 		enc := json.NewEncoder(a.out)
@@ -158,6 +161,11 @@ func (a *cli) run(ctx context.Context, args []string) error {
 			if err := enc.Encode(e); err != nil {
 				return err
 			}
+		}
+		// The stream ends by itself only when hostd goes away: a watcher
+		// must learn that from the exit code, not take it for the end.
+		if ctx.Err() == nil {
+			return errors.New("events: hostd closed the stream (it stopped or restarted); run hostctl events again once it answers")
 		}
 		return nil
 	case "metrics":

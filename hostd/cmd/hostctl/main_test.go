@@ -2,10 +2,18 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
+	"hostd/hostd/client"
 	"hostd/hostd/jobs"
 )
 
@@ -38,5 +46,70 @@ func TestJobOutFailsOnAFailedJobInEveryFormat(t *testing.T) {
 				t.Errorf("%s: table output %q", tc.state, out.String())
 			}
 		}
+	}
+}
+
+// hostctl events fails when hostd closes the stream (it stopped), after
+// printing what it received; a stream the user ends is not a failure.
+func TestEventsFailsWhenHostdGoesAway(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "hostd.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		fmt.Fprintln(w, `{"seq":1,"type":"vm.created","vm":"web"}`)
+		// and the daemon stops: the stream ends
+	})}
+	go srv.Serve(l)
+	defer srv.Close()
+	var out bytes.Buffer
+	a := &cli{c: client.New(sock), out: &out}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err = a.run(ctx, []string{"events"})
+	if err == nil || !strings.Contains(err.Error(), "closed the stream") {
+		t.Fatalf("events after hostd went away: %v, want an error", err)
+	}
+	if !strings.Contains(out.String(), "vm.created") {
+		t.Fatalf("the event before the end was not printed: %q", out.String())
+	}
+}
+
+// A stream the user ends (Ctrl-C: the context) is not a failure.
+func TestEventsEndedByTheUserIsNoFailure(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "hostd.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	streaming := make(chan struct{})
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		close(streaming)
+		<-r.Context().Done() // a live daemon keeps the stream open
+	})}
+	go srv.Serve(l)
+	defer srv.Close()
+	a := &cli{c: client.New(sock), out: io.Discard}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.run(ctx, []string{"events"}) }()
+	select {
+	case <-streaming:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stream never started")
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("events ended by the user: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("events did not end with its context")
 	}
 }
