@@ -191,6 +191,9 @@ type API struct {
 	Socket string `toml:"socket"`
 	// Group may use the socket besides root; it owns the socket file.
 	Group string `toml:"group"`
+	// MetricsListen, if set (host:port), serves GET /metrics read-only
+	// over TCP, for a Prometheus that must not reach the socket.
+	MetricsListen string `toml:"metrics_listen"`
 }
 
 // Hypervisor selects and tunes the second-layer hypervisor driver.
@@ -316,6 +319,11 @@ func (c Config) Validate() error {
 	for name, p := range map[string]string{"state_dir": c.StateDir, "run_dir": c.RunDir, "api.socket": c.API.Socket} {
 		if !filepath.IsAbs(p) {
 			return fmt.Errorf("%s: %q must be an absolute path", name, p)
+		}
+	}
+	if c.API.MetricsListen != "" {
+		if err := valid.HostPort("api.metrics_listen", c.API.MetricsListen); err != nil {
+			return err
 		}
 	}
 	if len(c.API.Socket) > 107 {

@@ -32,6 +32,7 @@ func TestLoadErrors(t *testing.T) {
 		"warm_slots[0].vcpus":      "[restore]\nwarm_slots = [{memory_mib = 256, count = 1}]\n",
 		"warm_slots[1]: a second":  "[restore]\nwarm_slots = [{memory_mib = 256, vcpus = 1, count = 1}, {memory_mib = 256, vcpus = 1, count = 2}]\n",
 		"is below the minimum":     "[restore]\nwarm_slots = [{memory_mib = 8, vcpus = 1, count = 1}]\n",
+		"api.metrics_listen":       "[api]\nmetrics_listen = \"127.0.0.1:99999\"\n",
 	}
 	for want, body := range cases {
 		p := filepath.Join(dir, "c.toml")

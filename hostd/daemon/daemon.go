@@ -19,6 +19,7 @@ import (
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/protect"
+	"hostd/hostd/scrape"
 	"hostd/hostd/store"
 	"hostd/hostd/swap"
 	"hostd/hostd/vm"
@@ -98,11 +99,28 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return fmt.Errorf("run hostd: %w", err)
 	}
+	// The read-only metrics listener binds before anything starts, so a
+	// taken address fails the start cleanly.
+	var ms *scrape.Server
+	if cfg.API.MetricsListen != "" {
+		if ms, err = scrape.Listen(cfg.API.MetricsListen, reg, log); err != nil {
+			l.Close()
+			return fmt.Errorf("run hostd: %w", err)
+		}
+	}
 	if host != nil {
 		host.run(bg)
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(bg, l) }()
+	if ms != nil {
+		go func() {
+			if err := ms.Serve(bg); err != nil {
+				log.Error("metrics listener stopped", "err", err)
+			}
+		}()
+		log.Info("metrics listener", "addr", ms.Addr())
+	}
 
 	_, _ = sdnotify.SdNotify(false, sdnotify.SdNotifyReady)
 	log.Info("hostd ready", "socket", cfg.API.Socket, "version", o.Version, "roles", cfg.Roles)
