@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"hostd/checkpoint/pki"
 	"hostd/dataplane"
 	"hostd/hostd/api"
 	"hostd/hostd/config"
@@ -34,6 +35,13 @@ type Options struct {
 	// NewHypervisor connects the second-layer hypervisor driver; Run retries
 	// it until it succeeds or ctx ends, so hostd can start before libvirtd.
 	NewHypervisor func(ctx context.Context) (xen.Hypervisor, error)
+	// Reload, if set, delivers reload requests (SIGHUP): the backup's and
+	// the repository's TLS identities are read again from their files,
+	// and Reconfigure is called.
+	Reload <-chan os.Signal
+	// Reconfigure applies the configuration keys that can change while
+	// hostd runs (the log level); nil: none.
+	Reconfigure func() error
 }
 
 // Run serves until ctx ends, then stops gracefully.
@@ -64,22 +72,29 @@ func Run(ctx context.Context, o Options) error {
 	reg.MustRegister(build)
 	deps := api.Deps{Jobs: jm, Events: ev, Version: o.Version, Roles: cfg.Roles, Registry: reg, Gatherer: reg, Log: log}
 
+	// What a reload reads again: the servers' TLS identities.
+	ids := map[string]*pki.ServerIdentity{}
 	if cfg.HasRole(config.RoleBackup) {
-		stop, addr, err := startBackup(bg, cfg, log)
+		stop, addr, id, err := startBackup(bg, cfg, log)
 		if err != nil {
 			return fmt.Errorf("run hostd: %w", err)
 		}
 		defer stop()
+		ids["backup"] = id
 		deps.Backup = &api.BackupInfo{Listen: addr, Dir: cfg.BackupDir()}
 	}
 
 	if cfg.HasRole(config.RoleRepo) {
-		srv, addr, stop, err := startRepo(bg, cfg, log)
+		srv, addr, stop, id, err := startRepo(bg, cfg, log)
 		if err != nil {
 			return fmt.Errorf("run hostd: %w", err)
 		}
 		defer stop()
+		ids["repo"] = id
 		deps.Repo = &api.RepoInfo{Listen: addr, Server: srv}
+	}
+	if o.Reload != nil {
+		go reloads(bg, o, ids)
 	}
 
 	var host *hostRole
@@ -298,4 +313,31 @@ func watchdog(ctx context.Context, log *slog.Logger) func() {
 	}()
 	log.Info("systemd watchdog on", "interval", interval)
 	return cancel
+}
+
+// reloads answers each reload request (SIGHUP) until ctx ends: the
+// configuration keys that can change, then every server identity; what
+// fails to load is logged and the old one stays in use.
+func reloads(ctx context.Context, o Options, ids map[string]*pki.ServerIdentity) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-o.Reload:
+		}
+		ok := true
+		if o.Reconfigure != nil {
+			if err := o.Reconfigure(); err != nil {
+				ok = false
+				o.Log.Error("reload the configuration", "err", err)
+			}
+		}
+		for role, id := range ids {
+			if err := id.Reload(); err != nil {
+				ok = false
+				o.Log.Error("reload TLS identity", "role", role, "err", err)
+			}
+		}
+		o.Log.Info("reloaded", "ok", ok, "identities", len(ids))
+	}
 }

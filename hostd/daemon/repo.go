@@ -15,13 +15,14 @@ import (
 // repo.capacity_mib of memory behind a mutual TLS listener. Like
 // startBackup it returns once the listener is bound and the memory
 // allocated, so a bad address, certificate or capacity fails the start.
-func startRepo(ctx context.Context, cfg config.Config, log *slog.Logger) (srv *repo.Server, addr string, stop func(), err error) {
+func startRepo(ctx context.Context, cfg config.Config, log *slog.Logger) (srv *repo.Server, addr string, stop func(), id *pki.ServerIdentity, err error) {
 	op := "start repo role"
 	c := cfg.Repo
-	tc, err := pki.ServerConfig(c.TLS.CA, c.TLS.Cert, c.TLS.Key)
+	id, err = pki.NewServerIdentity(c.TLS.CA, c.TLS.Cert, c.TLS.Key)
 	if err != nil {
-		return nil, "", nil, fmt.Errorf("%s: %w", op, err)
+		return nil, "", nil, nil, fmt.Errorf("%s: %w", op, err)
 	}
+	tc := id.Config()
 	quotas := make(map[string]int64, len(c.QuotasMiB))
 	for name, q := range c.QuotasMiB {
 		quotas[name] = q << 20
@@ -31,12 +32,12 @@ func startRepo(ctx context.Context, cfg config.Config, log *slog.Logger) (srv *r
 		NoLock: !c.Lock, OrphanTimeout: c.OrphanTimeout.Duration, Logger: log,
 	})
 	if err != nil {
-		return nil, "", nil, fmt.Errorf("%s: %w (lower repo.capacity_mib?)", op, err)
+		return nil, "", nil, nil, fmt.Errorf("%s: %w (lower repo.capacity_mib?)", op, err)
 	}
 	ln, err := net.Listen("tcp", c.Listen)
 	if err != nil {
 		srv.Close()
-		return nil, "", nil, fmt.Errorf("%s: %w", op, err)
+		return nil, "", nil, nil, fmt.Errorf("%s: %w", op, err)
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
@@ -52,5 +53,5 @@ func startRepo(ctx context.Context, cfg config.Config, log *slog.Logger) (srv *r
 		if err := srv.Close(); err != nil {
 			log.Warn("release repository memory", "err", err)
 		}
-	}, nil
+	}, id, nil
 }

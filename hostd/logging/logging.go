@@ -19,6 +19,9 @@ type Options struct {
 	Format string // json (default) | text
 	// Journal prefixes each line with its syslog priority.
 	Journal bool
+	// Var, if set, holds the level instead, so that it can change while
+	// the logger runs (a reload); it is set from Level first.
+	Var *slog.LevelVar
 }
 
 // New returns a logger writing to w.
@@ -26,6 +29,10 @@ func New(w io.Writer, o Options) *slog.Logger {
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(o.Level))
 	opts := &slog.HandlerOptions{Level: level}
+	if o.Var != nil {
+		o.Var.Set(level)
+		opts.Level = o.Var
+	}
 	if !o.Journal {
 		return slog.New(inner(w, o.Format, opts))
 	}

@@ -43,12 +43,29 @@ func main() {
 		fmt.Fprintln(os.Stderr, "hostd:", err)
 		os.Exit(2)
 	}
-	log := newLogger(cfg.Log)
+	level := new(slog.LevelVar)
+	log := newLogger(cfg.Log, level)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// SIGHUP reloads (certificates, the log level) instead of ending hostd.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 
 	err = daemon.Run(ctx, daemon.Options{
-		Config: cfg, Log: log, Version: version,
+		Config: cfg, Log: log, Version: version, Reload: hup,
+		// The keys that can change while hostd runs; the others need a
+		// restart (which keeps the guests running).
+		Reconfigure: func() error {
+			c, err := config.Load(*cfgPath, true)
+			if err != nil {
+				return err
+			}
+			if err := level.UnmarshalText([]byte(c.Log.Level)); err != nil {
+				return fmt.Errorf("log.level: %w", err)
+			}
+			return nil
+		},
 		NewHypervisor: func(ctx context.Context) (xen.Hypervisor, error) {
 			return libvirt.New(ctx, libvirt.Config{
 				URI:         cfg.Hypervisor.URI,
@@ -68,6 +85,6 @@ func main() {
 
 // newLogger logs to stderr; under systemd (hostd.service) each line carries
 // its syslog priority for the journal.
-func newLogger(c config.Log) *slog.Logger {
-	return logging.New(os.Stderr, logging.Options{Level: c.Level, Format: c.Format, Journal: logging.UnderJournal(os.Stderr)})
+func newLogger(c config.Log, level *slog.LevelVar) *slog.Logger {
+	return logging.New(os.Stderr, logging.Options{Level: c.Level, Format: c.Format, Journal: logging.UnderJournal(os.Stderr), Var: level})
 }
