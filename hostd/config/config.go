@@ -194,6 +194,9 @@ type API struct {
 	// MetricsListen, if set (host:port), serves GET /metrics read-only
 	// over TCP, for a Prometheus that must not reach the socket.
 	MetricsListen string `toml:"metrics_listen"`
+	// JobRetention is how long finished jobs stay listed (and readable
+	// by id) before they are pruned.
+	JobRetention Duration `toml:"job_retention"`
 }
 
 // Hypervisor selects and tunes the second-layer hypervisor driver.
@@ -243,8 +246,9 @@ func Default() Config {
 		StateDir: "/var/lib/hostd",
 		RunDir:   "/run/hostd",
 		API: API{
-			Socket: "/run/hostd/hostd.sock",
-			Group:  "hostd",
+			Socket:       "/run/hostd/hostd.sock",
+			Group:        "hostd",
+			JobRetention: Duration{7 * 24 * time.Hour},
 		},
 		Hypervisor: Hypervisor{
 			URI:               "qemu:///system",
@@ -320,6 +324,9 @@ func (c Config) Validate() error {
 		if !filepath.IsAbs(p) {
 			return fmt.Errorf("%s: %q must be an absolute path", name, p)
 		}
+	}
+	if c.API.JobRetention.Duration < time.Minute {
+		return errors.New("api.job_retention: must be at least 1m")
 	}
 	if c.API.MetricsListen != "" {
 		if err := valid.HostPort("api.metrics_listen", c.API.MetricsListen); err != nil {

@@ -65,6 +65,7 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return fmt.Errorf("run hostd: %w", err)
 	}
+	go jm.PruneEvery(bg, time.Hour, cfg.API.JobRetention.Duration)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	build := prometheus.NewGauge(prometheus.GaugeOpts{Name: "hostd_build_info", Help: "hostd version.", ConstLabels: prometheus.Labels{"version": o.Version}})

@@ -131,6 +131,46 @@ func (m *Manager) finish(id string, report any, err error) {
 	m.events.Publish(events.Event{Type: "job.finished", Job: id, VM: final.VM, Data: final})
 }
 
+// Prune removes the finished jobs that ended before olderThan ago (running
+// jobs always stay) and returns how many it removed.
+func (m *Manager) Prune(olderThan time.Duration) (int, error) {
+	all, err := store.List[Job](m.store, store.BucketJobs)
+	if err != nil {
+		return 0, fmt.Errorf("prune jobs: %w", err)
+	}
+	cutoff := m.now().Add(-olderThan)
+	n := 0
+	for _, j := range all {
+		m.mu.Lock()
+		_, live := m.live[j.ID]
+		m.mu.Unlock()
+		if live || j.State == Running || j.Finished == nil || !j.Finished.Before(cutoff) {
+			continue
+		}
+		if err := m.store.Delete(store.BucketJobs, j.ID); err != nil {
+			return n, fmt.Errorf("prune job %s: %w", j.ID, err)
+		}
+		n++
+	}
+	return n, nil
+}
+
+// PruneEvery prunes at start and then every interval until ctx ends.
+func (m *Manager) PruneEvery(ctx context.Context, interval, olderThan time.Duration) {
+	for {
+		if n, err := m.Prune(olderThan); err != nil {
+			m.log.Warn("prune finished jobs", "err", err)
+		} else if n > 0 {
+			m.log.Info("finished jobs pruned", "count", n, "older_than", olderThan)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(interval):
+		}
+	}
+}
+
 // Get returns a job, running or finished.
 func (m *Manager) Get(id string) (Job, error) {
 	m.mu.Lock()

@@ -98,3 +98,46 @@ func TestRunningJobsAreMarkedInterruptedOnRestart(t *testing.T) {
 	}
 	st.Close()
 }
+
+// Finished jobs older than the retention are pruned; newer ones and
+// running ones stay.
+func TestPruneRemovesOnlyOldFinishedJobs(t *testing.T) {
+	st := open(t, t.TempDir())
+	defer st.Close()
+	m, err := NewManager(st, events.NewBroker(), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	clock := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	m.now = func() time.Time { return clock }
+	done := func(context.Context, *Progress) (any, error) { return nil, nil }
+	old, _ := m.Start(ctx, "shutdown", "a", done)
+	if err := m.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	clock = clock.Add(10 * 24 * time.Hour)
+	recent, _ := m.Start(ctx, "shutdown", "b", done)
+	if err := m.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	running, _ := m.Start(ctx, "restore", "c", func(ctx context.Context, p *Progress) (any, error) {
+		<-release
+		return nil, nil
+	})
+	defer func() { close(release); m.Wait(ctx) }()
+
+	n, err := m.Prune(7 * 24 * time.Hour)
+	if err != nil || n != 1 {
+		t.Fatalf("prune: %d %v, want 1 job removed", n, err)
+	}
+	if _, err := m.Get(old.ID); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the old finished job is still there: %v", err)
+	}
+	for _, id := range []string{recent.ID, running.ID} {
+		if _, err := m.Get(id); err != nil {
+			t.Fatalf("job %s was pruned: %v", id, err)
+		}
+	}
+}
