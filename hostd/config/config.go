@@ -3,7 +3,6 @@ package config
 import (
 	"errors"
 	"fmt"
-	"hostd/hostd/valid"
 	"io/fs"
 	"net"
 	"net/netip"
@@ -14,6 +13,8 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"hostd/hostd/valid"
 )
 
 // Role names: one binary, roles switched on by configuration.

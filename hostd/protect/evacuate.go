@@ -323,8 +323,6 @@ func (m *Manager) evacuate(ctx context.Context, rec Record, req EvacuateRequest,
 	kind := "vm.evacuated"
 	if epoch {
 		kind = "protection.epoch"
-	}
-	if epoch {
 		m.hist.epochPause.Observe(rep.PauseMS / 1000)
 	} else {
 		m.hist.evacuation.WithLabelValues(strconv.FormatBool(rep.BoundHeld)).Observe(rep.TotalMS / 1000)

@@ -17,7 +17,6 @@ import (
 	"hostd/hostd/events"
 	"hostd/hostd/jobs"
 	"hostd/hostd/valid"
-	"hostd/hostd/vm"
 	"hostd/xen"
 )
 
@@ -124,14 +123,9 @@ func (m *Manager) Restore(ctx context.Context, req RestoreRequest) (jobs.Job, er
 	if !m.cfg.Checkpoint.TLS.Set() {
 		return jobs.Job{}, fmt.Errorf("%s: %w: set [checkpoint] tls (ca, cert, key) in the configuration", op, ErrNotConfigured)
 	}
-	if _, err := m.hv.Domain(ctx, req.Name); err == nil {
-		return jobs.Job{}, fmt.Errorf("%s: %w: a domain of that name exists in the hypervisor but not in hostd (name it otherwise with \"name\")", op, vm.ErrExists)
-	} else if !errors.Is(err, xen.ErrNotFound) {
-		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
-	}
-	release, err := m.vms.Reserve(req.Name)
+	release, err := m.vms.Reserve(ctx, req.Name)
 	if err != nil {
-		return jobs.Job{}, fmt.Errorf("%s: %w", op, err)
+		return jobs.Job{}, fmt.Errorf("%s: %w (name it otherwise with \"name\")", op, err)
 	}
 	// The restore point is read before the job: a restore of what the
 	// backup does not hold, or from a backup that cannot be reached, is

@@ -85,15 +85,7 @@ func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if _, err := m.record(req.Name); err == nil {
-		return VM{}, fmt.Errorf("create VM %q: %w (delete it first or choose another name)", req.Name, ErrExists)
-	}
-	if m.reserved[req.Name] {
-		return VM{}, fmt.Errorf("create VM %q: %w: a restore to that name is running (GET /v1/jobs)", req.Name, ErrExists)
-	}
-	if _, err := m.hv.Domain(ctx, req.Name); err == nil {
-		return VM{}, fmt.Errorf("create VM %q: %w: a domain of that name exists in the hypervisor but not in hostd", req.Name, ErrExists)
-	} else if !errors.Is(err, xen.ErrNotFound) {
+	if err := m.nameFree(ctx, req.Name); err != nil {
 		return VM{}, fmt.Errorf("create VM %q: %w", req.Name, err)
 	}
 
@@ -159,17 +151,14 @@ func (m *Manager) Create(ctx context.Context, req Request) (VM, error) {
 // Reserve claims name for a restore until release is called: neither a
 // create nor another restore can take it meanwhile. It fails if a VM or
 // another reservation has the name.
-func (m *Manager) Reserve(name string) (release func(), err error) {
+func (m *Manager) Reserve(ctx context.Context, name string) (release func(), err error) {
 	if err := valid.VMName(name); err != nil {
 		return nil, err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if _, err := m.record(name); err == nil {
-		return nil, fmt.Errorf("%w (name it otherwise)", ErrExists)
-	}
-	if m.reserved[name] {
-		return nil, fmt.Errorf("%w: a restore to that name is running (GET /v1/jobs)", ErrExists)
+	if err := m.nameFree(ctx, name); err != nil {
+		return nil, err
 	}
 	m.reserved[name] = true
 	return func() {
@@ -177,6 +166,23 @@ func (m *Manager) Reserve(name string) (release func(), err error) {
 		defer m.mu.Unlock()
 		delete(m.reserved, name)
 	}, nil
+}
+
+// nameFree checks, with mu held, that no VM, restore or hypervisor domain
+// has the name: what a create and a restore's reservation both need.
+func (m *Manager) nameFree(ctx context.Context, name string) error {
+	if _, err := m.record(name); err == nil {
+		return fmt.Errorf("%w (delete it first or choose another name)", ErrExists)
+	}
+	if m.reserved[name] {
+		return fmt.Errorf("%w: a restore to that name is running (GET /v1/jobs)", ErrExists)
+	}
+	if _, err := m.hv.Domain(ctx, name); err == nil {
+		return fmt.Errorf("%w: a domain of that name exists in the hypervisor but not in hostd", ErrExists)
+	} else if !errors.Is(err, xen.ErrNotFound) {
+		return err
+	}
+	return nil
 }
 
 func (m *Manager) applyDefaults(r *Request) {

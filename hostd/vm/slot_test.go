@@ -145,24 +145,24 @@ func newTestManager(t *testing.T) (*Manager, config.Config, *xentest.Fake, conte
 // it is refused until the restore releases it.
 func TestReservedNamesCannotBeCreated(t *testing.T) {
 	m, _, _, ctx := newTestManager(t)
-	release, err := m.Reserve("db")
+	release, err := m.Reserve(ctx, "db")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := m.Create(ctx, Request{Name: "db", Start: new(bool)}); !errors.Is(err, ErrExists) {
 		t.Fatalf("create of a reserved name: %v, want ErrExists", err)
 	}
-	if _, err := m.Reserve("db"); !errors.Is(err, ErrExists) {
+	if _, err := m.Reserve(ctx, "db"); !errors.Is(err, ErrExists) {
 		t.Fatalf("second reservation: %v, want ErrExists", err)
 	}
-	if _, err := m.Reserve("../db"); !errors.Is(err, valid.ErrName) {
+	if _, err := m.Reserve(ctx, "../db"); !errors.Is(err, valid.ErrName) {
 		t.Fatalf("reservation of a bad name: %v", err)
 	}
 	release()
 	if _, err := m.Create(ctx, Request{Name: "db", Start: new(bool)}); err != nil {
 		t.Fatalf("create after the release: %v", err)
 	}
-	if _, err := m.Reserve("db"); !errors.Is(err, ErrExists) {
+	if _, err := m.Reserve(ctx, "db"); !errors.Is(err, ErrExists) {
 		t.Fatalf("reservation of an existing VM's name: %v, want ErrExists", err)
 	}
 }

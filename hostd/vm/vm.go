@@ -88,11 +88,10 @@ const MinMemoryMiB = 16
 // validate checks what the manager can check without the hypervisor; the
 // driver validates the rest (host limits, device names) before defining.
 func (r *Request) validate(hostCPUs int, hostMemMiB uint64) error {
+	if err := valid.VMName(r.Name); err != nil {
+		return err
+	}
 	switch {
-	case r.Name == "":
-		return fmt.Errorf("%w: name is required", valid.ErrName)
-	case valid.VMName(r.Name) != nil:
-		return valid.VMName(r.Name)
 	case r.VCPUs < 1:
 		return fmt.Errorf("%w: vcpus must be at least 1", ErrInvalid)
 	case hostCPUs > 0 && r.VCPUs > hostCPUs:
